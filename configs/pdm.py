@@ -1,0 +1,170 @@
+r"""python -m pdm_jax.main --config=configs/pdm.py:two_stream --workdir=/tmp/pdm
+
+Panoptic Diffusion Model configurations.
+
+Variants (the part after ``:``), each optionally followed by ``,key=value`` options:
+
+* ``demo``        tiny one-stream PDM on the synthetic world (CPU, minutes).
+* ``uvit``        plain text-to-image U-ViT-S (image-stream pretraining).
+* ``one_stream``  one-stream PDM at U-ViT-S size (paper §3.5).
+* ``two_stream``  two-stream PDM at U-ViT-S size; the image stream is initialised from
+                  ``ckpt.init_from`` (a U-ViT checkpoint) and frozen.
+
+Options in the arg: ``map_patch_factor=4``, ``tiny=1`` (width 32, depth 2, 8×8 latent:
+for tests), ``given_map=1`` (the paper's "PDM given maps"). Any field can still be set
+with ``--config.a.b=value``.
+"""
+
+import ml_collections
+
+VARIANTS = ("demo", "uvit", "one_stream", "two_stream")
+
+
+def _parse_arg(arg: str) -> tuple[str, dict[str, str]]:
+    """Splits ``"variant,k=v,k2=v2"`` into the variant and its options."""
+    parts = [p for p in (arg or "").split(",") if p]
+    if not parts:
+        raise ValueError(f"No variant given: use configs/pdm.py:<variant> with one of {VARIANTS}.")
+    variant, options = parts[0], {}
+    for part in parts[1:]:
+        if "=" not in part:
+            raise ValueError(f"Config option {part!r} is not of the form key=value.")
+        key, value = part.split("=", 1)
+        options[key.strip()] = value.strip()
+    return variant, options
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    """Everything shared by the variants: U-ViT-S on 256×256 COCO latents."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = m = ml_collections.ConfigDict()
+    m.name = "two_stream"  # uvit | one_stream | two_stream
+    m.img_size = 32  # latent side
+    m.patch_size = 2
+    m.in_chans = 4
+    m.embed_dim = 512
+    m.depth = 12
+    m.num_heads = 8
+    m.mlp_ratio = 4.0
+    m.qkv_bias = False
+    m.mlp_time_embed = False
+    m.clip_dim = 768
+    m.num_clip_token = 77
+    m.num_bits = 8  # analog bits per map pixel
+    m.map_patch_factor = 2  # map resolution = factor × latent side
+    m.use_given_map = False  # paper's "PDM given maps": map is input only
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.remat_policy = "none"  # none | full | dots
+
+    c.diffusion = d = ml_collections.ConfigDict()
+    d.beta_start = 0.00085
+    d.beta_end = 0.012
+    d.num_timesteps = 1000
+    d.map_noise_std = 2.0
+    d.map_loss_weight = 1.0
+    d.p_uncond = 0.1
+    d.map_pooling = "min"  # min | min_nonvoid | mode
+
+    c.sampler = s = ml_collections.ConfigDict()
+    s.steps = 50
+    s.order = 3
+    s.method = "fast"  # fast | multistep | singlestep | singlestep_fixed
+    s.skip_type = "time_uniform"  # time_uniform | logSNR | time_quadratic
+    s.cfg_scale = 1.0
+    s.task = "cogenerate"  # cogenerate | given_map | given_image | inpaint
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.learning_rate = 2e-4
+    o.weight_decay = 0.03
+    o.b1 = 0.9
+    o.b2 = 0.9
+    o.warmup_steps = 5000
+    o.grad_clip_norm = 0.0  # 0 disables clipping (the official recipe does not clip)
+    o.ema_decay = 0.9999
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 64
+    t.num_train_steps = 1_000_000
+    t.log_every_steps = 100
+    t.eval_every_steps = 10_000
+    t.checkpoint_every_steps = 5_000
+
+    c.data = dt = ml_collections.ConfigDict()
+    dt.source = "coco"  # coco | synthetic
+    dt.dir = ""
+    dt.num_workers = 2
+    dt.seed = 0
+
+    c.sharding = sh = ml_collections.ConfigDict()
+    sh.mesh_shape = (-1,)  # -1: all devices on the data axis
+    sh.mesh_axes = ("data",)
+
+    c.ckpt = ck = ml_collections.ConfigDict()
+    ck.resume_from = ""
+    ck.init_from = ""
+    ck.max_to_keep = 3
+    ck.freeze_image_stream = False
+    return c
+
+
+def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> None:
+    for key, value in options.items():
+        if key == "map_patch_factor":
+            c.model.map_patch_factor = int(value)
+        elif key == "tiny":
+            if value not in ("0", "false", "False"):
+                _make_tiny(c)
+        elif key == "given_map":
+            c.model.use_given_map = value not in ("0", "false", "False")
+        else:
+            raise ValueError(
+                f"Unknown config option {key!r}; known: map_patch_factor, tiny, given_map."
+            )
+
+
+def _make_tiny(c: ml_collections.ConfigDict) -> None:
+    """Width 32, depth 2, 8×8 latent, 4-token context: for tests."""
+    c.model.update(
+        img_size=8, embed_dim=32, depth=2, num_heads=2, clip_dim=16, num_clip_token=4
+    )
+    c.train.batch_size = 8
+    c.sampler.steps = 4
+    c.optim.warmup_steps = 0
+
+
+def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
+    """Returns the config for ``variant[,key=value...]``."""
+    variant, options = _parse_arg(arg)
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
+    c = _base_config()
+    if variant == "uvit":
+        c.model.name = "uvit"
+    elif variant == "one_stream":
+        c.model.name = "one_stream"
+    elif variant == "two_stream":
+        c.model.name = "two_stream"
+        c.ckpt.freeze_image_stream = True
+    elif variant == "demo":
+        c.model.update(
+            name="one_stream",
+            img_size=16,
+            in_chans=3,
+            patch_size=2,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            clip_dim=64,
+            num_clip_token=16,
+            map_patch_factor=1,
+        )
+        c.data.source = "synthetic"
+        c.train.update(batch_size=32, num_train_steps=1500, log_every_steps=50,
+                       eval_every_steps=500, checkpoint_every_steps=500)
+        c.optim.update(learning_rate=1e-3, warmup_steps=100, ema_decay=0.999, weight_decay=0.0)
+        c.sampler.update(steps=20, order=2, method="multistep")
+    _apply_options(c, options)
+    return c

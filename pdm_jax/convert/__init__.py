@@ -1,0 +1,1 @@
+"""Weight conversion between official PyTorch layouts and pdm_jax parameters."""

@@ -1,0 +1,1 @@
+"""Input pipelines: the synthetic world, COCO panoptic, grain loaders."""

@@ -1,0 +1,1 @@
+"""Diffusion math: schedules, analog bits, maps, losses, DPM-Solver++ and guided sampling."""

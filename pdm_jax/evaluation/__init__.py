@@ -1,0 +1,1 @@
+"""Evaluation: FID, CLIP score, MCD."""
