@@ -1,0 +1,184 @@
+"""Denoising networks: plain U-ViT, one-stream and two-stream Panoptic Diffusion Models.
+
+Public API::
+
+    model = build(config.model)
+    params = init_params(config.model, jax.random.key(0))
+    eps, map0 = model.apply({"params": params}, x_t, m_t, t, context)  # PDMs
+    eps = model.apply({"params": params}, x_t, None, t, context)  # name="uvit"
+
+Arrays are NHWC: ``x_t [B, S, S, C]``, ``m_t [B, f·S, f·S, bits]``, ``t [B]`` float in
+model units (1..1000), ``context [B, N, clip_dim]``. Parameter trees are flat and named
+like the official PyTorch state dicts (``in_blocks_3/attn/qkv/kernel`` ↔
+``in_blocks.3.attn.qkv.weight``); see ``pdm_jax.convert.official``.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from pdm_jax.models.pdm import OneStreamPDM
+from pdm_jax.models.two_stream import TwoStreamPDM, is_image_stream
+from pdm_jax.models.uvit import UViT, UViTSpec
+
+MODELS = {"uvit": UViT, "one_stream": OneStreamPDM, "two_stream": TwoStreamPDM}
+
+__all__ = [
+    "MODELS",
+    "OneStreamPDM",
+    "TwoStreamPDM",
+    "UViT",
+    "UViTSpec",
+    "abstract_params",
+    "build",
+    "count_params",
+    "example_inputs",
+    "image_stream_mask",
+    "init_params",
+    "is_image_stream",
+    "merge_image_stream",
+    "param_logical_axes",
+]
+
+Params = dict[str, Any]
+
+
+def build(model_cfg: Any) -> nn.Module:
+    """Builds the model named by ``model_cfg.name``.
+
+    Args:
+      model_cfg: ``config.model`` (``name`` ∈ uvit | one_stream | two_stream, the
+        ``UViTSpec`` fields, ``dtype`` and ``param_dtype`` as strings).
+
+    Returns:
+      An unbound Linen module.
+    """
+    if model_cfg.name not in MODELS:
+        raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
+    return MODELS[model_cfg.name](
+        UViTSpec.from_config(model_cfg),
+        dtype=jnp.dtype(model_cfg.dtype),
+        param_dtype=jnp.dtype(model_cfg.param_dtype),
+    )
+
+
+def example_inputs(
+    model_cfg: Any, batch_size: int = 1
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
+    """Placeholder inputs of the right shapes (zeros; ``t`` = 1), e.g. for ``init``.
+
+    Args:
+      model_cfg: ``config.model``.
+      batch_size: B.
+
+    Returns:
+      ``(x_t, m_t, t, context)``; ``m_t`` is None for the plain U-ViT.
+    """
+    spec = UViTSpec.from_config(model_cfg)
+    s, ms = spec.img_size, spec.map_size
+    x = jnp.zeros((batch_size, s, s, spec.in_chans), jnp.float32)
+    m = None
+    if model_cfg.name != "uvit":
+        m = jnp.zeros((batch_size, ms, ms, spec.num_bits), jnp.float32)
+    t = jnp.ones((batch_size,), jnp.float32)
+    context = jnp.zeros((batch_size, spec.num_clip_token, spec.clip_dim), jnp.float32)
+    return x, m, t, context
+
+
+def _boxed_init_fn(model_cfg: Any):
+    """``rng -> params`` with their ``nn.LogicallyPartitioned`` boxes."""
+    module, inputs = build(model_cfg), example_inputs(model_cfg)
+    return lambda rng: module.init(rng, *inputs)["params"]
+
+
+def init_params(model_cfg: Any, rng: jax.Array) -> Params:
+    """Initialises parameters (official initialisers) as a plain, unboxed dict.
+
+    Args:
+      model_cfg: ``config.model``.
+      rng: PRNG key.
+
+    Returns:
+      Nested dict of arrays in ``param_dtype``.
+    """
+    return nn.meta.unbox(jax.jit(_boxed_init_fn(model_cfg))(rng))
+
+
+def abstract_params(model_cfg: Any) -> Params:
+    """Parameter shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) without allocating."""
+    return nn.meta.unbox(jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0)))
+
+
+def param_logical_axes(model_cfg: Any) -> Params:
+    """Logical axis names of every parameter, from the models' partitioning annotations.
+
+    Args:
+      model_cfg: ``config.model``.
+
+    Returns:
+      Tree like the params with ``jax.sharding.PartitionSpec`` leaves holding logical
+      names (e.g. ``PartitionSpec('embed', 'mlp')``), ready for
+      ``nn.logical_to_mesh_sharding``.
+    """
+    boxed = jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def image_stream_mask(params: Mapping[str, Any]) -> Params:
+    """Marks the image-stream leaves (those a plain U-ViT also has).
+
+    Args:
+      params: a parameter tree (any model).
+
+    Returns:
+      Tree like ``params`` with bool leaves, True for the image stream; suitable as an
+      ``optax.masked`` / ``multi_transform`` label source for freezing it.
+    """
+    return {k: _fill(v, is_image_stream(k)) for k, v in params.items()}
+
+
+def _fill(tree: Any, value: bool) -> Any:
+    """``tree`` with every leaf replaced by ``value``."""
+    return jax.tree_util.tree_map(lambda _: value, tree)
+
+
+def merge_image_stream(params: Mapping[str, Any], uvit_params: Mapping[str, Any]) -> Params:
+    """Replaces the image stream of ``params`` by a plain U-ViT's parameters.
+
+    Args:
+      params: PDM parameters (typically two-stream).
+      uvit_params: parameters of a plain U-ViT of the same size.
+
+    Returns:
+      A new tree: ``params`` with every image-stream entry taken from ``uvit_params``.
+
+    Raises:
+      ValueError: listing image-stream entries missing on either side or mis-shaped.
+    """
+    ours = {k for k in params if is_image_stream(k)}
+    a = traverse_util.flatten_dict({k: params[k] for k in ours}, sep="/")
+    b = traverse_util.flatten_dict(dict(uvit_params), sep="/")
+    problems = [f"missing from uvit_params: {k}" for k in sorted(a.keys() - b.keys())]
+    problems += [f"not in the image stream of params: {k}" for k in sorted(b.keys() - a.keys())]
+    problems += [
+        f"{k}: shape {np.shape(a[k])} in params vs {np.shape(b[k])} in uvit_params"
+        for k in sorted(a.keys() & b.keys())
+        if np.shape(a[k]) != np.shape(b[k])
+    ]
+    if problems:
+        raise ValueError(
+            "The U-ViT parameters do not fit the image stream (same img_size, patch_size, "
+            "embed_dim, depth, clip and mlp_time_embed settings needed):\n  "
+            + "\n  ".join(problems)
+        )
+    return {k: (uvit_params[k] if k in ours else v) for k, v in params.items()}
+
+
+def count_params(params: Any) -> int:
+    """Total number of scalars in a parameter tree (arrays or ``ShapeDtypeStruct``)."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,316 @@
+"""Building blocks of the U-ViT family: embeddings, attention, MLP, transformer block, heads.
+
+Everything follows the official PyTorch U-ViT (``libs/uvit_t2i.py``) so that checkpoints
+convert by a name table: same submodule names, same initialisers, LayerNorm eps 1e-5,
+exact (erf) GELU, qkv split as ``(3, heads, head_dim)``. Arrays are NHWC / ``[B, L, D]``.
+
+Logical axis names used for sharding annotations (a sharding rule set maps them to mesh
+axes; names without a rule stay unsharded):
+
+* parameters: ``embed`` (model width D), ``mlp`` (MLP hidden), ``qkv`` (fused q/k/v
+  output, 3D), ``heads`` (attention output before ``proj``, D); small dims are ``None``.
+* activations: ``batch``, ``length`` (tokens), ``embed``.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+Dtype = jnp.dtype | type
+
+LN_EPS = 1e-5
+MAX_PERIOD = 10_000
+ACT_AXES = ("batch", "length", "embed")
+REMAT_POLICIES = ("none", "full", "dots")
+
+# Official U-ViT: timm trunc_normal_(std=.02) on Linear weights and position embeddings,
+# whose cut-offs a=-2, b=2 are absolute, i.e. ±100σ: in effect a plain N(0, .02²).
+trunc_normal_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+# PyTorch Conv2d default: kaiming_uniform(a=√5) = U(±1/√fan_in) for the kernel.
+torch_conv_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_conv_bias_init(fan_in: int) -> Callable[..., Array]:
+    """PyTorch Conv2d default bias initialiser, ``U(±1/√fan_in)``.
+
+    Args:
+      fan_in: input channels × kernel area of the convolution.
+
+    Returns:
+      A flax initialiser ``(key, shape, dtype) -> Array``.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def timestep_embedding(t: Array, dim: int, max_period: float = MAX_PERIOD) -> Array:
+    """Sinusoidal timestep embedding ``[cos(t·ω_k), sin(t·ω_k)]``, ``ω_k = P^(-k/half)``.
+
+    Matches the official ``timestep_embedding`` (float32 frequencies, cosine half first,
+    a zero column appended when ``dim`` is odd).
+
+    Args:
+      t: ``[B]`` timesteps in model units (n ∈ 1..1000; fractional values allowed).
+      dim: embedding width.
+      max_period: ``P``, sets the lowest frequency.
+
+    Returns:
+      ``[B, dim]`` float32 embedding.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]  # [B, half]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def unpatchify(x: Array, patch_size: int, channels: int) -> Array:
+    """Tokens back to an image, channel order ``(p1, p2, C)`` per token.
+
+    Args:
+      x: ``[B, h·w, p·p·C]`` tokens in row-major ``(h, w)`` order with ``h == w``.
+      patch_size: ``p``.
+      channels: ``C``.
+
+    Returns:
+      ``[B, h·p, w·p, C]`` image (NHWC).
+    """
+    b, length, width = x.shape
+    side = math.isqrt(length)
+    if side * side != length or width != patch_size * patch_size * channels:
+        raise ValueError(
+            f"Cannot unpatchify tokens of shape {x.shape} with patch {patch_size} and "
+            f"{channels} channels: need a square token count and width p·p·C."
+        )
+    x = x.reshape(b, side, side, patch_size, patch_size, channels)  # [B, h, w, p1, p2, C]
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, h, p1, w, p2, C]
+    return x.reshape(b, side * patch_size, side * patch_size, channels)
+
+
+def constrain(x: Array) -> Array:
+    """Logical sharding constraint ``(batch, length, embed)`` on a token array."""
+    return nn.with_logical_constraint(x, ACT_AXES)
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    use_bias: bool = True,
+    kernel_init: Callable[..., Array] = trunc_normal_init,
+) -> nn.Dense:
+    """A ``Linear`` as the official code builds it: trunc-normal(.02) kernel, zero bias.
+
+    Args:
+      features: output width.
+      axes: logical names of the kernel's ``(in, out)`` dims; the bias takes ``out``.
+      dtype: computation dtype.
+      param_dtype: storage dtype.
+      name: submodule name (mirrors the official one).
+      use_bias: whether to add a bias.
+      kernel_init: kernel initialiser.
+
+    Returns:
+      An unbound ``nn.Dense``.
+    """
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-1:]),
+        name=name,
+    )
+
+
+def layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm with the PyTorch eps (1e-5), scale 1, bias 0."""
+    return nn.LayerNorm(
+        epsilon=LN_EPS,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+def conv3x3(features: int, in_features: int, *, dtype: Dtype, param_dtype: Dtype, name: str):
+    """The official ``final_layer``: ``Conv2d(C, C, 3, padding=1)`` with PyTorch init."""
+    return nn.Conv(
+        features,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(torch_conv_kernel_init, (None,) * 4),
+        bias_init=nn.with_logical_partitioning(torch_conv_bias_init(9 * in_features), (None,)),
+        name=name,
+    )
+
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch; tokens in row-major ``(h, w)`` order.
+
+    Submodule ``proj`` mirrors the official ``PatchEmbed.proj``.
+    """
+
+    patch_size: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Embeds ``x [B, H, W, C]`` into ``[B, (H/p)·(W/p), D]`` tokens."""
+        b, h, w, c = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"Input of spatial size {h}×{w} is not divisible by patch {p}.")
+        y = nn.Conv(
+            self.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                torch_conv_kernel_init, (None, None, None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(torch_conv_bias_init(p * p * c), ("embed",)),
+            name="proj",
+        )(x)  # [B, H/p, W/p, D]
+        return constrain(y.reshape(b, (h // p) * (w // p), self.embed_dim))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; ``qkv`` output split as ``(3, heads, head_dim)``."""
+
+    num_heads: int
+    qkv_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, L, D] -> [B, L, D]``."""
+        b, length, d = x.shape
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        qkv = dense(3 * d, ("embed", "qkv"), use_bias=self.qkv_bias, name="qkv", **kw)(x)
+        # Official einops 'B L (K H D)': K (q/k/v) outermost, then heads, then head_dim.
+        qkv = qkv.reshape(b, length, 3, self.num_heads, d // self.num_heads)  # [B, L, 3, H, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+        y = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+        y = y.reshape(b, length, d)
+        return dense(d, ("heads", "embed"), name="proj", **kw)(y)
+
+
+class Mlp(nn.Module):
+    """``fc1 → GELU(erf) → fc2`` (timm ``Mlp`` without dropout)."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, L, D] -> [B, L, D]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        h = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **kw)(x)  # [B, L, hidden]
+        h = nn.gelu(h, approximate=False)
+        return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+class Block(nn.Module):
+    """U-ViT block: optional long skip ``Linear(2D→D)``, then pre-LN attention and MLP."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    skip: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, skip: Array | None = None) -> Array:
+        """Runs the block.
+
+        Args:
+          x: ``[B, L, D]`` tokens.
+          skip: ``[B, L, D]`` long-skip tokens; required iff the block was built with
+            ``skip=True``.
+
+        Returns:
+          ``[B, L, D]`` tokens.
+        """
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        d = x.shape[-1]
+        if self.skip != (skip is not None):
+            raise ValueError(f"Block built with skip={self.skip} needs a matching skip input.")
+        if self.skip:
+            x = dense(d, (None, "embed"), name="skip_linear", **kw)(
+                jnp.concatenate([x, skip], axis=-1)  # [B, L, 2D]
+            )
+        x = constrain(x)
+        x = x + Attention(self.num_heads, self.qkv_bias, name="attn", **kw)(
+            layer_norm(name="norm1", **kw)(x)
+        )
+        x = x + Mlp(int(d * self.mlp_ratio), name="mlp", **kw)(layer_norm(name="norm2", **kw)(x))
+        return constrain(x)
+
+
+class ZeroConv(nn.Module):
+    """Two-stream map→image projection: the official ``zeroconv`` (1×1 ``Conv1d``, bias).
+
+    A 1×1 convolution over tokens is a ``Dense`` on the last axis; submodule ``conv``
+    mirrors the official name. Kernel and bias start at zero (ControlNet-style).
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, L, D] -> [B, L, D]``."""
+        zeros = nn.initializers.zeros_init()
+        return nn.Dense(
+            x.shape[-1],
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(zeros, ("embed", None)),
+            bias_init=nn.with_logical_partitioning(zeros, (None,)),
+            name="conv",
+        )(x)
+
+
+def block_class(remat_policy: str) -> type[Block]:
+    """``Block`` or its rematerialised version.
+
+    Args:
+      remat_policy: ``none`` (store activations), ``full`` (recompute the whole block in
+        the backward pass) or ``dots`` (save matmul outputs, recompute the rest).
+
+    Returns:
+      A module class with ``Block``'s constructor and call signature.
+    """
+    if remat_policy == "none":
+        return Block
+    if remat_policy == "full":
+        return nn.remat(Block)
+    if remat_policy == "dots":
+        return nn.remat(Block, policy=jax.checkpoint_policies.checkpoint_dots)
+    raise ValueError(f"Unknown remat_policy {remat_policy!r}; choose one of {REMAT_POLICIES}.")

@@ -1,0 +1,135 @@
+"""Plain U-ViT: shapes, official parameter count, input checks, dtypes, sharding axes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs.pdm import get_config
+from pdm_jax import models
+
+
+def _cfg(arg="uvit,tiny=1", **overrides):
+    cfg = get_config(arg).model
+    cfg.update(overrides)
+    return cfg
+
+
+def _random_params(cfg, seed=0):
+    """Random parameters of the right shapes without compiling an initialiser."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(models.abstract_params(cfg))
+    return traverse_util.unflatten_dict(
+        {
+            p: (float(p[-1] == "scale") + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
+            for p, v in flat.items()
+        }
+    )
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_output_shape(factor):
+    cfg = _cfg(map_patch_factor=factor)
+    model = models.build(cfg)
+    params = models.abstract_params(cfg)
+    eps = jax.eval_shape(model.apply, {"params": params}, *models.example_inputs(cfg, 3))
+    assert eps.shape == (3, 8, 8, 4) and eps.dtype == jnp.float32
+    # The map patch factor does not concern the plain U-ViT.
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        models.abstract_params(_cfg(map_patch_factor=1))
+    )
+
+
+def test_forward_runs_and_depends_on_inputs():
+    cfg = _cfg()
+    model = models.build(cfg)
+    params = _random_params(cfg)
+    apply = jax.jit(model.apply)
+    x, _, t, ctx = models.example_inputs(cfg, 2)
+    x = jax.random.normal(jax.random.key(1), x.shape)
+    eps = apply({"params": params}, x, None, t, ctx)
+    assert eps.shape == x.shape and bool(jnp.all(jnp.isfinite(eps)))
+    assert not np.allclose(eps, apply({"params": params}, x, None, t + 100.0, ctx))
+    assert not np.allclose(eps, apply({"params": params}, x, None, t, ctx + 1.0))
+
+
+def test_param_count_uvit_s_and_names():
+    cfg = get_config("uvit").model
+    params = models.abstract_params(cfg)
+    assert models.count_params(params) == 44_692_644
+    assert set(params) == (
+        {"patch_embed", "context_embed", "pos_embed", "mid_block", "norm", "decoder_pred"}
+        | {"final_layer"}
+        | {f"in_blocks_{i}" for i in range(6)}
+        | {f"out_blocks_{i}" for i in range(6)}
+    )
+    assert params["pos_embed"].shape == (1, 1 + 77 + 256, 512)
+    assert "skip_linear" in params["out_blocks_0"] and "skip_linear" not in params["in_blocks_0"]
+
+
+def test_mlp_time_embed_adds_official_layers():
+    params = models.abstract_params(_cfg(mlp_time_embed=True))
+    assert params["time_embed_0"]["kernel"].shape == (32, 128)
+    assert params["time_embed_2"]["kernel"].shape == (128, 32)
+
+
+def test_input_errors():
+    cfg = _cfg()
+    model = models.build(cfg)
+    params = models.abstract_params(cfg)
+    x, _, t, ctx = models.example_inputs(cfg, 2)
+    with pytest.raises(ValueError, match="m_t=None"):
+        jax.eval_shape(model.apply, {"params": params}, x, jnp.zeros((2, 8, 8, 8)), t, ctx)
+    with pytest.raises(ValueError, match="x_t has shape"):
+        jax.eval_shape(model.apply, {"params": params}, x[:, :4], None, t, ctx)
+    with pytest.raises(ValueError, match="context has shape"):
+        jax.eval_shape(model.apply, {"params": params}, x, None, t, ctx[:, :2])
+    with pytest.raises(ValueError, match="t has shape"):
+        jax.eval_shape(model.apply, {"params": params}, x, None, t[:1], ctx)
+    with pytest.raises(ValueError, match="Unknown model name"):
+        models.build(_cfg(name="unet"))
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        models.build(_cfg(num_heads=5))
+    with pytest.raises(ValueError, match="remat_policy"):
+        models.build(_cfg(remat_policy="sometimes"))
+
+
+def test_dtypes():
+    cfg = _cfg(dtype="bfloat16", param_dtype="bfloat16")
+    params = models.abstract_params(cfg)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype("bfloat16")}
+    eps = jax.eval_shape(models.build(cfg).apply, {"params": params}, *models.example_inputs(cfg))
+    assert eps.dtype == jnp.float32
+
+
+def test_bfloat16_compute_close_to_float32():
+    cfg32, cfg16 = _cfg(), _cfg(dtype="bfloat16")
+    params = _random_params(cfg32)
+    x, _, t, ctx = models.example_inputs(cfg32, 2)
+    x = jax.random.normal(jax.random.key(1), x.shape)
+    ctx = jax.random.normal(jax.random.key(2), ctx.shape)
+    e32 = jax.jit(models.build(cfg32).apply)({"params": params}, x, None, t, ctx)
+    e16 = jax.jit(models.build(cfg16).apply)({"params": params}, x, None, t, ctx)
+    assert e16.dtype == jnp.float32
+    np.testing.assert_allclose(e16, e32, atol=0.05 * float(jnp.abs(e32).max()))
+
+
+def test_remat_keeps_parameter_names():
+    a = models.abstract_params(_cfg())
+    for policy in ("full", "dots"):
+        b = models.abstract_params(_cfg(remat_policy=policy))
+        assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+
+
+def test_param_logical_axes_cover_every_parameter():
+    cfg = _cfg()
+    shapes = traverse_util.flatten_dict(models.abstract_params(cfg))
+    axes = traverse_util.flatten_dict(models.param_logical_axes(cfg))
+    assert axes.keys() == shapes.keys()
+    for path, spec in axes.items():
+        assert isinstance(spec, jax.sharding.PartitionSpec)
+        assert len(spec) == shapes[path].ndim, path
+    assert tuple(axes[("in_blocks_0", "attn", "qkv", "kernel")]) == ("embed", "qkv")
+    assert tuple(axes[("pos_embed",)]) == (None, None, "embed")
+    assert tuple(axes[("patch_embed", "proj", "kernel")]) == (None, None, None, "embed")
