@@ -16,7 +16,8 @@ grain's ``ArrayRecordDataSource`` and decodes one record per index. Two record v
 
 * ``sample_latent=False`` (what the trainer uses, :func:`coco_source_from_config`): the
   moments view of ``pdm_jax.data.pipeline`` — ``moments`` float32 [S, S, 2C] (mean then
-  logvar on the channel axis), ``contexts`` float32 [K, T, D], ``map``, ``captions``,
+  logvar on the channel axis), ``contexts`` [K, T, D] in the stored dtype (float16 unless
+  prepared with ``--context_dtype=float32``), ``map``, ``captions``,
   ``image_id``. The pipeline's ``NormaliseRecord`` then draws ε and the caption with
   grain's per-record generator, which grain seeds from ``(data.seed, global position)``:
   a grain ``DataLoader`` only passes record keys below ``len``, so only there does the
@@ -153,7 +154,7 @@ class CocoSource:
             out["map"] = self._map(rec)
         if not self.sample_latent:
             out["moments"] = np.concatenate([mean, logvar], axis=-1)  # [S, S, 2C]
-            out["contexts"] = np.asarray(rec["contexts"], np.float32)  # [K, T, D]
+            out["contexts"] = rec["contexts"]  # [K, T, D], stored dtype (float16)
             out["captions"] = list(rec["captions"])
             return out
         rng = np.random.default_rng((self.seed, index % n, index // n))

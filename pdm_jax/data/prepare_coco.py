@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import app, flags, logging
@@ -348,6 +349,12 @@ flags.DEFINE_list("map_sizes", [str(m) for m in coco.MAP_SIZES], "Map sides to s
 flags.DEFINE_enum("context_dtype", "float16", list(CONTEXT_DTYPES), "Context storage dtype.")
 flags.DEFINE_integer("num_threads", 4, "Image-decoding threads.")
 flags.DEFINE_float("scale_factor", None, "Latent scale recorded in the metadata (default: VAE's).")
+flags.DEFINE_enum(
+    "compute_dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Encoder compute dtype (weights stay float32).",
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -360,13 +367,14 @@ def main(argv: Sequence[str]) -> None:
     from pdm_jax.convert import hf_clip
     from pdm_jax.convert import vae as vae_convert
 
-    module, params = vae_convert.load_vae(FLAGS.vae)
+    dtype = jnp.dtype(FLAGS.compute_dtype)
+    module, params = vae_convert.load_vae(FLAGS.vae, dtype=dtype)
     if FLAGS.scale_factor is not None:
         module = module.clone(
             config=dataclasses.replace(module.config, scale_factor=FLAGS.scale_factor)
         )
     image_encoder = encoders.VaeMoments(module, params, batch_size=FLAGS.batch_size, path=FLAGS.vae)
-    text_module, text_params, tokenizer = hf_clip.load_clip_text(FLAGS.clip)
+    text_module, text_params, tokenizer = hf_clip.load_clip_text(FLAGS.clip, dtype=dtype)
     text_encoder = encoders.ClipContexts(
         text_module, text_params, tokenizer, batch_size=FLAGS.text_batch_size, path=FLAGS.clip
     )
