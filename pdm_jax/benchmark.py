@@ -1,0 +1,187 @@
+r"""python -m pdm_jax.benchmark --config=configs/pdm.py:two_stream --what=train_step --batch_size=8
+
+Times one jitted program of the configured model after a warm-up and prints one JSON
+line last: ``median_s``, ``min_s``, ``items_per_s``, ``device``, ``peak_memory_bytes``
+(device allocator peak where the backend reports one, else the process's peak RSS),
+``flops_per_item`` (XLA cost analysis) and ``mfu`` when the device's peak is known.
+
+``--what``: ``train_step`` (a full AdamW step; the two-stream image stream frozen),
+``denoise`` (one network call, no CFG), ``sample`` (the whole DPM-Solver++ sampler with CFG,
+``--steps`` steps).
+"""
+
+import dataclasses
+import functools
+import json
+import resource
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from pdm_jax import models, sharding
+from pdm_jax.diffusion.sampling import SamplerOptions, sample_pdm
+from pdm_jax.train import state as state_lib
+from pdm_jax.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WHAT = flags.DEFINE_enum(
+    "what", "train_step", ["train_step", "denoise", "sample"], "What to time."
+)
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
+
+# Dense bf16/fp32 peaks (FLOP/s) for MFU, by device kind substring; CPUs are not listed.
+_PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6": 918e12,
+}
+
+
+def synthetic_batch(
+    config: Any, batch_size: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """A random batch in the training schema for the configured model."""
+    m = config.model
+    batch = {
+        "latent": rng.standard_normal((batch_size, m.img_size, m.img_size, m.in_chans)).astype(
+            np.float32
+        ),
+        "context": rng.standard_normal((batch_size, m.num_clip_token, m.clip_dim)).astype(
+            np.float32
+        ),
+    }
+    if m.name != "uvit":
+        side = m.img_size * m.map_patch_factor
+        batch["map"] = rng.integers(0, 201, (batch_size, side, side)).astype(np.int32)
+    return batch
+
+
+def _program(config: Any, what: str, batch_size: int, steps: int | None):
+    """Returns ``(jitted_fn, args_fn)``; ``args_fn()`` gives fresh arguments per call."""
+    mesh = sharding.create_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
+    batch = sharding.shard_batch(
+        synthetic_batch(config, batch_size, np.random.default_rng(0)), mesh
+    )
+    empty = jnp.zeros((config.model.num_clip_token, config.model.clip_dim), jnp.float32)
+    rng = jax.random.key(config.seed)
+    if what == "train_step":
+        state, shardings = state_lib.create_train_state(config, rng, mesh)
+        fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = fn(holder["state"], batch)
+            return metrics
+
+        return fn, (lambda: (holder["state"], batch)), run
+    params = jax.jit(functools.partial(models.init_params, config.model))(rng)
+    denoise = step_lib.make_denoise_fn(config.model)
+    has_map = config.model.name != "uvit"
+    m_t = None
+    if has_map:
+        side = config.model.img_size * config.model.map_patch_factor
+        m_t = jnp.zeros((batch_size, side, side, config.model.num_bits), jnp.float32)
+    t = jnp.full((batch_size,), 500.0)
+    if what == "denoise":
+        fn = jax.jit(denoise)
+        args = (params, batch["latent"], m_t, t, batch["context"])
+        return fn, (lambda: args), (lambda: fn(*args))
+    options = SamplerOptions.from_config(config.sampler)
+    if steps:
+        options = dataclasses.replace(options, steps=steps)
+    m = config.model
+    map_side = m.img_size * m.map_patch_factor
+    sample_fn = functools.partial(
+        sample_pdm,
+        denoise,
+        schedule=step_lib.schedule_from_config(config.diffusion),
+        image_shape=(m.img_size, m.img_size, m.in_chans),
+        map_shape=(map_side, map_side, m.num_bits) if has_map else None,
+        options=options,
+        map_noise_std=config.diffusion.map_noise_std,
+    )
+    fn = jax.jit(sample_fn)
+    args = (params, rng, batch["context"], empty)
+    return fn, (lambda: args), (lambda: fn(*args))
+
+
+def _peak_memory() -> tuple[int, str]:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+
+
+def run_benchmark(
+    config: Any,
+    what: str,
+    batch_size: int,
+    steps: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Compiles, warms up and times the program; returns the result record."""
+    fn, args_fn, run = _program(config, what, batch_size, steps)
+    flops = None
+    try:
+        cost = fn.lower(*args_fn()).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = float(cost.get("flops", 0.0)) or None
+    except Exception:  # cost analysis is best-effort: some backends do not report it
+        flops = None
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    device = jax.devices()[0]
+    peak, peak_source = _peak_memory()
+    record = {
+        "what": what,
+        "model": config.model.name,
+        "batch_size": batch_size,
+        "median_s": median,
+        "min_s": min(times),
+        "items_per_s": batch_size / median,
+        "first_call_s": compile_s,
+        "repeats": repeats,
+        "device": f"{device.platform}:{device.device_kind} x{jax.device_count()}",
+        "peak_memory_bytes": peak,
+        "peak_memory_source": peak_source,
+        "flops_per_item": flops / batch_size if flops else None,
+    }
+    peak_flops = next((v for k, v in _PEAK_FLOPS.items() if k in device.device_kind), None)
+    if flops and peak_flops:
+        record["mfu"] = flops / median / (peak_flops * jax.device_count())
+    return record
+
+
+def main(argv):
+    del argv
+    record = run_benchmark(
+        _CONFIG.value, _WHAT.value, _BATCH.value, _STEPS.value, _REPEATS.value, _WARMUP.value
+    )
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    app.run(main)

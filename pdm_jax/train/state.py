@@ -1,0 +1,118 @@
+"""Train state, optimizer and sharded initialisation.
+
+The state (params, optimizer state, EMA params, step, RNG) is one pytree, born sharded:
+its shapes come from ``jax.eval_shape``, its shardings from ``pdm_jax.sharding``, and the
+initialiser is jitted with those ``out_shardings`` so full weights never sit on one host.
+Frozen parameters (the two-stream image stream) are excluded from the optimizer: they get
+``optax.set_to_zero`` and carry no Adam moments.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from pdm_jax import models, sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 over ``warmup_steps``, then constant (official recipe)."""
+    if optim.warmup_steps <= 0:
+        return optax.constant_schedule(optim.learning_rate)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
+            optax.constant_schedule(optim.learning_rate),
+        ],
+        [optim.warmup_steps],
+    )
+
+
+def trainable_labels(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """``"train"``/``"frozen"`` label per parameter leaf."""
+    if config.ckpt.get("freeze_image_stream", False) and config.model.name == "two_stream":
+        frozen = models.image_stream_mask(params)
+        return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+    return jax.tree.map(lambda _: "train", params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+    """AdamW (official hyperparameters) on trainable leaves, nothing on frozen ones."""
+    o = config.optim
+    chain = []
+    if o.grad_clip_norm and o.grad_clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    chain.append(
+        optax.adamw(
+            learning_rate=learning_rate_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay
+        )
+    )
+    return optax.multi_transform(
+        {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
+        trainable_labels(config, params),
+    )
+
+
+def init_train_state(
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    params: Any | None = None,
+) -> TrainState:
+    """Builds a fresh state (un-jitted; see ``create_train_state`` for the sharded one)."""
+    init_rng, state_rng = jax.random.split(rng)
+    if params is None:
+        params = models.init_params(config.model, init_rng)
+    tx = make_optimizer(config, params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
+def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
+    """Sharding of every state leaf: replicated for now (data parallelism)."""
+    return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    mesh: Mesh,
+    init_fn: Callable[[jax.Array], TrainState] | None = None,
+) -> tuple[TrainState, TrainState]:
+    """Creates the state directly in its sharded layout.
+
+    Args:
+      config: the full config.
+      rng: PRNG key.
+      mesh: device mesh.
+      init_fn: ``rng -> TrainState`` (default ``init_train_state``), e.g. to start from
+        pretrained parameters.
+
+    Returns:
+      ``(state, shardings)`` — the sharded state and the matching sharding pytree.
+    """
+    init_fn = init_fn or (lambda r: init_train_state(config, r))
+    abstract = jax.eval_shape(init_fn, rng)
+    shardings = state_shardings(mesh, abstract)
+    state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    return state, shardings

@@ -1,0 +1,127 @@
+"""The training step: one pure function, jitted once with the state donated.
+
+Batches arrive in one schema (see ``pdm_jax.data``): ``latent`` ``[B, S, S, C]`` (sampled
+and scaled), ``map`` ``[B, fS, fS]`` int32 category ids at the model's map resolution (absent
+for the plain U-ViT), ``context`` ``[B, T, D]``. Randomness comes from
+``fold_in(state.rng, step)`` so a resumed run draws exactly the same numbers.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from pdm_jax import models, sharding
+from pdm_jax.diffusion import analog_bits, losses
+from pdm_jax.diffusion.schedules import VPSchedule, discrete_sd_schedule
+from pdm_jax.train.state import TrainState, learning_rate_schedule, make_optimizer
+
+
+def make_denoise_fn(model_cfg: ml_collections.ConfigDict) -> Callable:
+    """``(params, x_t, m_t, t, context)`` → model outputs, for the configured model."""
+    module = models.build(model_cfg)
+
+    def denoise(params, x_t, m_t, t, context):
+        return module.apply({"params": params}, x_t, m_t, t, context)
+
+    return denoise
+
+
+def schedule_from_config(diffusion_cfg: ml_collections.ConfigDict) -> VPSchedule:
+    """The discrete SD schedule named by ``config.diffusion``."""
+    return discrete_sd_schedule(
+        beta_start=diffusion_cfg.beta_start,
+        beta_end=diffusion_cfg.beta_end,
+        num_timesteps=diffusion_cfg.num_timesteps,
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    denoise_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: VPSchedule,
+    empty_context: jax.Array,
+    config: ml_collections.ConfigDict,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the joint loss.
+
+    Args:
+      state: the train state (donated when jitted).
+      batch: one global batch in the common schema.
+      denoise_fn, tx, schedule, empty_context, config: bound with ``functools.partial``.
+
+    Returns:
+      The new state and scalar metrics (losses, norms, learning rate).
+    """
+    d = config.diffusion
+    rng = jax.random.fold_in(state.rng, state.step)
+    m_0 = None
+    if "map" in batch:
+        m_0 = analog_bits.ids_to_bits(batch["map"], config.model.num_bits, batch["latent"].dtype)
+
+    def loss_fn(params):
+        terms = losses.pdm_loss_terms(
+            denoise_fn,
+            params,
+            rng,
+            batch["latent"],
+            m_0,
+            batch["context"],
+            empty_context,
+            schedule,
+            map_noise_std=d.map_noise_std,
+            map_loss_weight=d.map_loss_weight,
+            p_uncond=d.p_uncond,
+            use_given_map=config.model.use_given_map,
+        )
+        means = {k: jnp.mean(v) for k, v in terms.items()}
+        return means["loss"], means
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.optim.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+    metrics = dict(
+        metrics,
+        grad_norm=optax.global_norm(grads),
+        param_norm=optax.global_norm(params),
+        update_norm=optax.global_norm(updates),
+        learning_rate=learning_rate_schedule(config.optim)(state.step),
+    )
+    new_state = state.replace(
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def jit_train_step(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    params: Any,
+    empty_context: jax.Array,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """Binds and jits ``train_step`` once: state donated, batch sharded over ``data``."""
+    step_fn = functools.partial(
+        train_step,
+        denoise_fn=make_denoise_fn(config.model),
+        tx=make_optimizer(config, params),
+        schedule=schedule_from_config(config.diffusion),
+        empty_context=jnp.asarray(empty_context),
+        config=config,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
