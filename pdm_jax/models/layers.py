@@ -302,7 +302,8 @@ def block_class(remat_policy: str) -> type[Block]:
 
     Args:
       remat_policy: ``none`` (store activations), ``full`` (recompute the whole block in
-        the backward pass) or ``dots`` (save matmul outputs, recompute the rest).
+        the backward pass) or ``dots`` (save the outputs of the linear layers; recompute
+        attention, whose ``[B, H, T, T]`` logits dominate the memory, and the rest).
 
     Returns:
       A module class with ``Block``'s constructor and call signature.
@@ -312,5 +313,5 @@ def block_class(remat_policy: str) -> type[Block]:
     if remat_policy == "full":
         return nn.remat(Block)
     if remat_policy == "dots":
-        return nn.remat(Block, policy=jax.checkpoint_policies.checkpoint_dots)
+        return nn.remat(Block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     raise ValueError(f"Unknown remat_policy {remat_policy!r}; choose one of {REMAT_POLICIES}.")
