@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdm_jax.convert import components
 from pdm_jax.convert.torch_io import (
     ConversionError,
     find_weights_file,
@@ -193,6 +194,11 @@ def load_clip_text(
     Returns:
       ``(module, params, tokenizer)``.
     """
+    if components.is_component(path):  # written by `python -m pdm_jax.convert clip_text`
+        arch, params = components.load_component(path, "clip_text")
+        module = CLIPTextModel(ClipTextConfig(**arch), dtype=dtype, param_dtype=param_dtype)
+        params = jax.tree.map(lambda p: jnp.asarray(p, param_dtype), params)
+        return module, params, load_tokenizer(path)
     model_dir, tok_dir = _model_and_tokenizer_dirs(path)
     module = CLIPTextModel(load_text_config(model_dir), dtype=dtype, param_dtype=param_dtype)
     ids = jnp.zeros((1, module.config.max_position_embeddings), jnp.int32)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pdm_jax.convert import components
 from pdm_jax.convert.torch_io import (
     ConversionError,
     find_weights_file,
@@ -199,7 +200,8 @@ def load_vae(
 
     Args:
       path: a CompVis/U-ViT file (``autoencoder_kl.pth``, ``.safetensors``, ``.ckpt``), a
-        diffusers VAE directory, or a diffusers pipeline root with a ``vae/`` folder.
+        diffusers VAE directory, a diffusers pipeline root with a ``vae/`` folder, or a
+        directory written by ``python -m pdm_jax.convert vae``.
       config: architecture and ``scale_factor``; default: the directory's ``config.json``,
         or the SD architecture with ``UVIT_SCALE_FACTOR`` for single files.
       dtype: compute dtype.
@@ -208,6 +210,10 @@ def load_vae(
     Returns:
       ``(module, params)``.
     """
+    if components.is_component(path):  # written by `python -m pdm_jax.convert vae`
+        arch, params = components.load_component(path, "vae")
+        module = AutoencoderKL(config or VAEConfig(**arch), dtype=dtype, param_dtype=param_dtype)
+        return module, jax.tree.map(lambda p: jnp.asarray(p, param_dtype), params)
     weights, config = _resolve(path, config)
     module = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype)
     size = 2 * config.downsample_factor
