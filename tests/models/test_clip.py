@@ -309,3 +309,23 @@ def test_loader_reads_pytorch_bin_and_reports_mismatches(hf_clip_dir, tmp_path):
     assert "text_model/final_layer_norm/bias" in message
     assert "text_model.extra.weight" in message
     assert "visual_projection/kernel: checkpoint (31, 16) vs model (32, 16)" in message
+
+
+@pytest.mark.torch
+def test_convert_cli_writes_a_directory_load_clip_text_reads(hf_clip_dir, tmp_path):
+    from pdm_jax.convert.__main__ import convert
+    from pdm_jax.convert.hf_clip import load_clip_text
+    from pdm_jax.models.clip_embed import tokenize
+
+    directory, _ = hf_clip_dir
+    out = tmp_path / "clip_converted"
+    convert(["clip_text", "--input", str(directory), "--output", str(out)])
+    module, params, tokenizer = load_clip_text(directory)
+    module2, params2, tokenizer2 = load_clip_text(out)
+    assert module2.config == module.config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+        np.testing.assert_array_equal(a, b)
+    captions = ["a photo", ""]
+    np.testing.assert_array_equal(
+        tokenize(tokenizer, captions, 16), tokenize(tokenizer2, captions, 16)
+    )

@@ -216,3 +216,18 @@ def test_compvis_pth_matches_torch(diffusers_vae, tmp_path):
     assert "quant_conv/kernel: checkpoint (1, 1, 5, 6) vs model (1, 1, 6, 6)" in message
     with pytest.raises(ConversionError, match="missing"):
         load_vae(tmp_path / "autoencoder_kl.pth")  # default = full SD architecture
+
+
+@pytest.mark.torch
+def test_convert_cli_writes_a_directory_load_vae_reads(diffusers_vae, tmp_path):
+    from pdm_jax.convert.__main__ import convert
+    from pdm_jax.convert.vae import load_vae
+
+    directory, _ = diffusers_vae
+    out = tmp_path / "vae_converted"
+    convert(["vae", "--input", str(directory), "--output", str(out)])
+    module, params = load_vae(directory)
+    module2, params2 = load_vae(out)
+    assert module2.config == module.config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
+        np.testing.assert_array_equal(a, b)
