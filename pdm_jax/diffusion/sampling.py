@@ -100,8 +100,9 @@ def sample_pdm(
 ) -> dict[str, Array]:
     """Samples image latents (and maps) for a batch of contexts.
 
-    Jit it with the keyword arguments bound (``functools.partial``) and ``apply_fn`` fixed;
-    everything else may be traced.
+    Jit it with ``apply_fn``, ``schedule`` and the keyword arguments bound
+    (``functools.partial``): a closed-over schedule lets the solver precompute its
+    coefficient tables at trace time. Parameters, keys and arrays may be traced.
 
     Args:
       apply_fn: ``(params, x_t, m_t, t_model, context)`` → ε̂ or ``(ε̂, M̂_0)``.
@@ -122,7 +123,6 @@ def sample_pdm(
     """
     _check_task(task, map_shape, known_x, known_m, mask_x, mask_m)
     batch = context.shape[0]
-    num_steps = schedule.alphas_cumprod.shape[0]
     net = guided(
         lambda x, m, t, c: apply_fn(params, x, m, t, c), context, empty_context, options.cfg_scale
     )
@@ -140,7 +140,7 @@ def sample_pdm(
     def data_pred(state: dict[str, Array], t: Array) -> dict[str, Array]:
         x_t = state["x"] if "x" in state else clamped["x"]
         m_t = state.get("m", clamped["m"]) if map_shape is not None else None
-        t_model = jnp.broadcast_to(t * num_steps, (batch,))
+        t_model = jnp.broadcast_to(schedule.model_time(t), (batch,))
         out = net(x_t, m_t, t_model)
         eps, map0 = out if map_shape is not None else (out, None)
         alpha, sigma = schedule.marginal_alpha(t), schedule.marginal_std(t)
