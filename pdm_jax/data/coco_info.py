@@ -1,0 +1,110 @@
+"""COCO as a training/sampling dataset: the prepared shards plus the encoders around them.
+
+The prepared ArrayRecord files (``prepare_coco``) already hold VAE moments and CLIP contexts,
+so training needs no network besides the denoiser. Sampling and evaluation need more: the
+VAE decoder to turn latents into 256×256 PNGs (``config.data.vae``), and the CLIP text
+encoder to turn raw prompts into contexts (``config.data.clip``). Both are loaded lazily,
+on first use, from local paths — an original checkpoint or a ``python -m pdm_jax.convert``
+directory.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pdm_jax.data import coco
+from pdm_jax.data.coco_source import coco_source_from_config
+
+SPLITS = {"train": "train", "held_out": "val", "val": "val", "eval": "val"}
+
+
+class _LazyVAE:
+    """Loads the VAE on first use; encodes uint8 images and decodes scaled latents."""
+
+    def __init__(self, path: str, scale_factor: float):
+        self.path, self.scale_factor = path, scale_factor
+
+    @functools.cached_property
+    def _model(self) -> tuple[Any, Any, Any, Any]:
+        if not self.path:
+            raise FileNotFoundError(
+                "Decoding COCO latents needs the VAE: pass --config.data.vae=<autoencoder_kl.pth "
+                "or a diffusers vae/ directory or a `pdm_jax.convert vae` output>."
+            )
+        from pdm_jax.convert.vae import load_vae
+
+        module, params = load_vae(self.path)
+        encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode_moments"))
+        decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
+        return module, params, encode, decode
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[B, H, W, 3]`` → scaled posterior-mean latents ``[B, h, w, C]``."""
+        module, params, encode, _ = self._model
+        moments = encode(params, jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
+        mean = moments[..., : module.config.latent_channels]
+        return np.asarray(mean * self.scale_factor)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents ``[B, h, w, C]`` → uint8 images ``[B, 8h, 8w, 3]``."""
+        _, params, _, decode = self._model
+        images = decode(params, jnp.asarray(latents, jnp.float32) / self.scale_factor)
+        return np.asarray(jnp.clip((images + 1.0) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+
+
+class _LazyText:
+    """Loads the CLIP text encoder on first use (raw prompts → contexts)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @functools.cached_property
+    def _encoder(self) -> Any:
+        if not self.path:
+            raise FileNotFoundError(
+                "Raw prompts need the CLIP text encoder: pass --config.data.clip=<local "
+                "clip-vit-large-patch14 directory or a `pdm_jax.convert clip_text` output>."
+            )
+        from pdm_jax.convert.hf_clip import load_text_encoder
+
+        return load_text_encoder(self.path)
+
+    def __call__(self, captions: Sequence[str]) -> np.ndarray:
+        return np.asarray(self._encoder.encode(list(captions)), np.float32)
+
+
+def coco_dataset(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Any]:
+    """``(source, DatasetInfo)`` for ``config.data.source == "coco"``.
+
+    Args:
+      config: the full config (``data.dir``, ``data.vae``, ``data.clip``,
+        ``data.latent_scale``, the model sizes).
+      split: ``train``, or ``held_out``/``val``/``eval`` for the validation split.
+
+    Returns:
+      The grain source over the prepared shards and the dataset description the trainer,
+      sample mode and evaluation use.
+    """
+    from pdm_jax.data.pipeline import DatasetInfo  # the pipeline registers this function
+
+    if split not in SPLITS:
+        raise ValueError(f"Unknown COCO split {split!r}; choose one of {sorted(SPLITS)}.")
+    source = coco_source_from_config(config, SPLITS[split])
+    vae = _LazyVAE(str(config.data.get("vae", "")), float(config.data.latent_scale))
+    num_eval = int(config.train.get("num_eval_prompts", 8))
+    prompts = tuple(source.record(i)["captions"][0] for i in range(min(num_eval, len(source))))
+    info = DatasetInfo(
+        empty_context=np.asarray(source.empty_context, np.float32),
+        encode_text=_LazyText(str(config.data.get("clip", ""))),
+        encode_images=vae.encode,
+        decode_latents=vae.decode,
+        category_names=coco.category_names(),
+        colour_table=coco.colour_table(),
+        eval_prompts=prompts,
+    )
+    return source, info
