@@ -75,6 +75,7 @@ def _base_config() -> ml_collections.ConfigDict:
     s.skip_type = "time_uniform"  # time_uniform | logSNR | time_quadratic
     s.cfg_scale = 1.0
     s.task = "cogenerate"  # cogenerate | given_map | given_image | inpaint
+    s.clip_x0 = 0.0  # > 0: clip the image data prediction to ±clip_x0 (bounded latents only)
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 2e-4
@@ -91,12 +92,19 @@ def _base_config() -> ml_collections.ConfigDict:
     t.log_every_steps = 100
     t.eval_every_steps = 10_000
     t.checkpoint_every_steps = 5_000
+    t.num_eval_prompts = 8  # captions in the sample grid written every eval_every_steps
 
     c.data = dt = ml_collections.ConfigDict()
     dt.source = "coco"  # coco | synthetic
     dt.dir = ""
-    dt.num_workers = 2
+    dt.num_workers = 2  # grain worker processes; 0 reads in the training process
+    dt.num_threads = 2  # reader threads per process
+    dt.prefetch = 64  # records buffered ahead
     dt.seed = 0
+    dt.latent_scale = 0.23010  # autoencoder latents are multiplied by it (decoding divides)
+    dt.num_records = 0  # synthetic world size; 0: its default
+    dt.vae = ""  # COCO: VAE checkpoint (autoencoder_kl.pth, diffusers dir, or converted)
+    dt.clip = ""  # COCO: CLIP ViT-L/14 text directory, to sample from raw prompts
 
     c.sharding = sh = ml_collections.ConfigDict()
     sh.mesh_shape = (-1,)  # -1: all devices on the data axis
@@ -107,6 +115,42 @@ def _base_config() -> ml_collections.ConfigDict:
     ck.init_from = ""
     ck.max_to_keep = 3
     ck.freeze_image_stream = False
+    ck.use_ema_for_init = True  # init_from takes the EMA parameters when present
+    ck.async_save = True
+
+    c.sample = sa = ml_collections.ConfigDict()
+    sa.step = -1  # checkpoint step; -1: the latest
+    sa.prompt = ""  # one caption, or
+    sa.prompts_file = ""  # one caption per line
+    sa.num_samples = 1  # samples per prompt
+    sa.seed = 0  # sample i of a prompt uses seed + i
+    sa.batch_size = 16
+    sa.map = ""  # given_map / inpaint: a .npy of ids or a PNG (ids or category colours)
+    sa.image = ""  # given_image / inpaint: an RGB PNG
+    sa.mask = ""  # inpaint: PNG, white = regenerate, black = keep
+    sa.out_dir = ""  # default: <workdir>/sample_<step>
+    sa.use_ema = True
+
+    c.eval = ev = ml_collections.ConfigDict()
+    ev.num_samples = 0  # 0: 30,000 for COCO (the paper), 256 for the synthetic world
+    ev.step = -1  # checkpoint step; -1: the latest
+    ev.task = "cogenerate"  # cogenerate | given_map
+    ev.batch_size = 16
+    ev.seed = 0  # sample i uses seed + i
+    ev.use_ema = True
+    ev.fid_stats = ""  # reference statistics .npz (mu, sigma)
+    ev.inception = ""  # pytorch-fid pt_inception-2015-12-05 .pth (or .npz); "" skips FID
+    ev.inception_batch_size = 50
+    ev.clip = ""  # CLIP ViT-B/32 directory; "" skips the CLIP score
+    ev.clip_batch_size = 64
+
+    c.demo = de = ml_collections.ConfigDict()
+    de.use_metrics = False  # after training, sample held-out prompts and write metrics.json
+    de.num_prompts = 48
+    de.seed = 1234
+    # given_map: clamp the map to the clean one; inpaint: re-impose it noised to the
+    # current t (in-distribution for a model trained on jointly noised pairs).
+    de.given_map_task = "given_map"
     return c
 
 
@@ -127,9 +171,7 @@ def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> Non
 
 def _make_tiny(c: ml_collections.ConfigDict) -> None:
     """Width 32, depth 2, 8×8 latent, 4-token context: for tests."""
-    c.model.update(
-        img_size=8, embed_dim=32, depth=2, num_heads=2, clip_dim=16, num_clip_token=4
-    )
+    c.model.update(img_size=8, embed_dim=32, depth=2, num_heads=2, clip_dim=16, num_clip_token=4)
     c.train.batch_size = 8
     c.sampler.steps = 4
     c.optim.warmup_steps = 0
@@ -149,11 +191,13 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         c.model.name = "two_stream"
         c.ckpt.freeze_image_stream = True
     elif variant == "demo":
+        # Sized for a 2-core CPU: the whole command (train, then the held-out metrics)
+        # takes minutes. Patch 4 gives 16 image + 16 map tokens.
         c.model.update(
             name="one_stream",
             img_size=16,
             in_chans=3,
-            patch_size=2,
+            patch_size=4,
             embed_dim=128,
             depth=4,
             num_heads=4,
@@ -161,10 +205,16 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
             num_clip_token=16,
             map_patch_factor=1,
         )
-        c.data.source = "synthetic"
-        c.train.update(batch_size=32, num_train_steps=1500, log_every_steps=50,
-                       eval_every_steps=500, checkpoint_every_steps=500)
-        c.optim.update(learning_rate=1e-3, warmup_steps=100, ema_decay=0.999, weight_decay=0.0)
-        c.sampler.update(steps=20, order=2, method="multistep")
+        c.data.update(source="synthetic", num_workers=0, latent_scale=2.0)
+        c.train.update(
+            batch_size=16,
+            num_train_steps=3000,
+            log_every_steps=100,
+            eval_every_steps=1000,
+            checkpoint_every_steps=1000,
+        )
+        c.optim.update(learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, weight_decay=0.0)
+        c.sampler.update(steps=20, order=2, method="multistep", clip_x0=2.0)
+        c.demo.use_metrics = True
     _apply_options(c, options)
     return c

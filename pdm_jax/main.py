@@ -1,0 +1,82 @@
+r"""python -m pdm_jax.main --config=configs/pdm.py:demo --workdir=workdir/demo
+
+Command-line entry point. ``--mode=train`` trains (resuming from ``<workdir>`` when it
+holds checkpoints) and, for configs with ``demo.use_metrics``, then writes the demo's
+``metrics.json``; ``--mode=sample`` samples from the latest checkpoint (see
+``pdm_jax.train.sample_mode``); ``--mode=evaluate`` samples validation prompts and scores
+them (``pdm_jax.evaluation.evaluate``). Any config field can be overridden with
+``--config.a.b=value``.
+"""
+
+import logging as std_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pdm_jax.evaluation import evaluate
+from pdm_jax.train import checkpoint, demo, sample_mode, trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and variant, e.g. configs/pdm.py:demo.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+
+
+def _train(config, workdir: str) -> None:
+    trainer.train_and_evaluate(config, workdir)
+    if config.demo.use_metrics:
+        demo.evaluate(config, workdir)
+
+
+MODES = {"train": _train, "sample": sample_mode.run, "evaluate": evaluate.run_evaluate}
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM GPU clusters).",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors whose message says what went wrong and how to fix it: no traceback needed.
+_USER_ERRORS = (
+    checkpoint.CheckpointNotFoundError,
+    checkpoint.ConfigMismatchError,
+    trainer.NonFiniteLossError,
+    FileNotFoundError,
+)
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    """Runs ``--mode`` with ``--config`` in ``--workdir``."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    logging.info(
+        "JAX devices: %s (process %d of %d)",
+        jax.devices(),
+        jax.process_index(),
+        jax.process_count(),
+    )
+    try:
+        MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+    except trainer.TrainingInterrupted as e:
+        logging.warning("%s", e)
+        sys.exit(128 + e.signum)
+    except _USER_ERRORS as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

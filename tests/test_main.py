@@ -1,0 +1,64 @@
+"""Command-line errors of ``python -m pdm_jax.main``: they name the problem and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from configs import pdm as pdm_configs
+from pdm_jax import models
+from pdm_jax.train import checkpoint
+from pdm_jax.train import state as state_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pdm_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_unknown_variant_is_rejected(tmp_path):
+    result = _run("--config=configs/pdm.py:bogus", f"--workdir={tmp_path}")
+    assert result.returncode != 0
+    assert "Unknown variant 'bogus'" in result.stderr
+    assert "demo" in result.stderr  # the known variants are listed
+
+
+def test_sample_without_checkpoint_names_the_path(tmp_path):
+    result = _run("--config=configs/pdm.py:demo,tiny=1", f"--workdir={tmp_path}", "--mode=sample")
+    assert result.returncode == 1
+    assert f"error: No checkpoint at {tmp_path}/checkpoints" in result.stderr
+
+
+def test_sample_with_mismatched_config_lists_the_shapes(tmp_path):
+    config = pdm_configs.get_config("demo,tiny=1")
+    params = jax.tree.map(
+        lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(config.model)
+    )
+    state = state_lib.TrainState(
+        step=np.zeros((), np.int32),
+        params=params,
+        ema_params=params,
+        opt_state=np.zeros((), np.float32),
+        rng=jax.random.key(0),
+    )
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path))
+    checkpoint.save(manager, state, config=config)
+    manager.wait_until_finished()
+    result = _run(
+        "--config=configs/pdm.py:demo,tiny=1",
+        f"--workdir={tmp_path}",
+        "--mode=sample",
+        "--config.model.depth=4",
+    )
+    assert result.returncode == 1
+    assert "does not match the config" in result.stderr
+    assert "in_blocks_1/attn/qkv/kernel: missing from the checkpoint, config shape" in result.stderr

@@ -1,0 +1,218 @@
+"""Tests of checkpointing: exact resume, resume order, init-from, errors, signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import pdm as pdm_configs
+from pdm_jax import models, sharding
+from pdm_jax.train import checkpoint, trainer
+from pdm_jax.train import state as state_lib
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(arg="demo,tiny=1", steps=2):
+    c = pdm_configs.get_config(arg)
+    c.data.update(num_workers=0, num_threads=1, prefetch=8, num_records=256)
+    c.train.update(
+        num_train_steps=steps, log_every_steps=1, eval_every_steps=0, checkpoint_every_steps=2
+    )
+    return c
+
+
+def _params_only_state(config, seed=0):
+    """A state with random host parameters and no optimizer state: nothing to compile."""
+    rng = np.random.default_rng(seed)
+    random_tree = lambda: jax.tree.map(
+        lambda a: rng.standard_normal(a.shape).astype(a.dtype),
+        models.abstract_params(config.model),
+    )
+    return state_lib.TrainState(
+        step=np.zeros((), np.int32),
+        params=random_tree(),
+        ema_params=random_tree(),
+        opt_state=np.zeros((), np.float32),
+        rng=jax.random.key(seed),
+    )
+
+
+def _saved_fresh_state(config, workdir, params_only=False):
+    """Saves a step-0 state without training (a real one, or ``_params_only_state``)."""
+    if params_only:
+        state = _params_only_state(config)
+    else:
+        mesh = sharding.create_mesh()
+        state, _ = state_lib.create_train_state(config, jax.random.key(config.seed), mesh)
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir))
+    checkpoint.save(manager, state, config=config)
+    manager.wait_until_finished()
+    return state
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path):
+    """4 steps in one go == 2 steps, a fresh process-like restart, 2 more steps."""
+    full = trainer.train_and_evaluate(_config(steps=4), str(tmp_path / "full"))
+    trainer.train_and_evaluate(_config(steps=2), str(tmp_path / "split"))
+    resumed = trainer.train_and_evaluate(_config(steps=4), str(tmp_path / "split"))
+    assert int(resumed.step) == int(full.step) == 4
+    chex.assert_trees_all_equal(jax.device_get(resumed.params), jax.device_get(full.params))
+    chex.assert_trees_all_equal(jax.device_get(resumed.ema_params), jax.device_get(full.ema_params))
+    chex.assert_trees_all_equal(jax.device_get(resumed.opt_state), jax.device_get(full.opt_state))
+    # Step 2 of the uninterrupted run was saved while training went on (donated buffers).
+    mid_full, _ = checkpoint.load_params(tmp_path / "full/checkpoints/2", use_ema=False)
+    mid_split, _ = checkpoint.load_params(tmp_path / "split/checkpoints/2", use_ema=False)
+    chex.assert_trees_all_equal(mid_full, mid_split)
+    # The data order continued where it stopped: same iterator position after 4 steps.
+    data = "checkpoints/4/data/process_0-of-1.json"
+    assert (tmp_path / "full" / data).read_text() == (tmp_path / "split" / data).read_text()
+
+
+def test_resume_order_workdir_then_resume_from_then_init_from(tmp_path):
+    config = _config()
+    saved = _saved_fresh_state(config, tmp_path / "a")
+    mesh = sharding.create_mesh()
+    # resume_from another run when the workdir is empty.
+    config.ckpt.resume_from = str(tmp_path / "a")
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "b"))
+    state, _, origin = checkpoint.restore_or_initialize(config, tmp_path / "b", mesh, manager)
+    assert "ckpt.resume_from" in origin
+    chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(saved.params))
+    # The workdir's own checkpoint wins over resume_from.
+    config.seed = 5
+    own = _saved_fresh_state(config, tmp_path / "b")
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "b"))
+    state, _, origin = checkpoint.restore_or_initialize(config, tmp_path / "b", mesh, manager)
+    assert origin.startswith("resumed") and "resume_from" not in origin
+    chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(own.params))
+
+
+def test_init_from_uvit_fills_the_two_stream_image_stream(tmp_path):
+    uvit = _config("uvit,tiny=1")
+    saved = _saved_fresh_state(uvit, tmp_path / "uvit", params_only=True)
+    config = _config("two_stream,tiny=1")
+    config.ckpt.init_from = str(tmp_path / "uvit")
+    mesh = sharding.create_mesh()
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "pdm"))
+    state, _, origin = checkpoint.restore_or_initialize(config, tmp_path / "pdm", mesh, manager)
+    assert "ckpt.init_from" in origin and int(state.step) == 0
+    params, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
+    uvit_params = jax.device_get(saved.ema_params)
+    for name, value in uvit_params.items():
+        chex.assert_trees_all_equal(params[name], value)
+        chex.assert_trees_all_equal(ema[name], value)  # EMA starts from the pretrained stream
+    assert set(params) - set(uvit_params)  # the map stream is there, freshly initialised
+
+
+def test_mismatched_config_lists_parameter_paths_and_shapes(tmp_path):
+    _saved_fresh_state(_config(), tmp_path, params_only=True)
+    config = _config()
+    config.model.embed_dim = 64
+    mesh = sharding.create_mesh()
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path))
+    with pytest.raises(checkpoint.ConfigMismatchError) as info:
+        checkpoint.restore_or_initialize(config, tmp_path, mesh, manager)
+    message = str(info.value)
+    assert str(tmp_path / "checkpoints" / "0") in message
+    assert "context_embed/kernel: checkpoint (16, 32) vs config (16, 64)" in message
+
+
+def test_missing_checkpoints_name_the_path(tmp_path):
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match=str(tmp_path / "nowhere")):
+        checkpoint.locate(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="No checkpoint found in"):
+        checkpoint.locate(tmp_path / "empty")
+    config = _config()
+    config.ckpt.init_from = str(tmp_path / "nowhere")
+    mesh = sharding.create_mesh()
+    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "run"))
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="nowhere"):
+        checkpoint.restore_or_initialize(config, tmp_path / "run", mesh, manager)
+
+
+def test_locate_accepts_workdir_root_and_step_directory(tmp_path):
+    _saved_fresh_state(_config(), tmp_path, params_only=True)
+    root = tmp_path / "checkpoints"
+    assert checkpoint.locate(tmp_path) == (root, 0)
+    assert checkpoint.locate(root) == (root, 0)
+    assert checkpoint.locate(root / "0") == (root, 0)
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"available steps: \[0\]"):
+        checkpoint.locate(root, step=7)
+
+
+def test_param_mismatches_against_abstract_params():
+    config = _config()
+    expected = models.abstract_params(config.model)
+    assert checkpoint.param_mismatches(expected, expected) == []
+    found = dict(expected)
+    name = sorted(found)[0]
+    del found[name]
+    lines = checkpoint.param_mismatches(found, expected)
+    assert lines and all(line.startswith(name) for line in lines)
+
+
+def test_signal_guard_defers_sigterm_and_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with checkpoint.SignalGuard() as guard:
+        assert not guard.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 5
+        while not guard.requested and time.time() < deadline:
+            time.sleep(0.01)
+        assert guard.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdm_jax.main",
+        "--config=configs/pdm.py:demo,tiny=1",
+        f"--workdir={tmp_path}",
+        "--config.train.num_train_steps=100000",
+        "--config.train.checkpoint_every_steps=100000",
+        "--config.train.eval_every_steps=0",
+        "--config.train.log_every_steps=1",
+        "--config.data.num_workers=0",
+        "--config.data.num_records=256",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    logged = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "examples_per_sec" in line:
+                logged.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert logged.wait(timeout=400), "".join(lines[-30:])
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert rc == 128 + signal.SIGTERM, "".join(lines[-30:])
+    root, step = checkpoint.locate(tmp_path)
+    assert step >= 1
+    config = _config()
+    mesh = sharding.create_mesh()
+    target, _ = checkpoint.abstract_train_state(config, mesh)
+    manager = checkpoint.create_manager(root, read_only=True)
+    state = checkpoint.restore_state(manager, step, target, config)
+    assert int(state.step) == step
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))

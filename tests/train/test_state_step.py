@@ -1,0 +1,154 @@
+"""Tests of the sharded train state and the jitted train step (tiny models, CPU mesh)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import pdm as pdm_configs
+from pdm_jax import models, sharding
+from pdm_jax.data import pipeline
+from pdm_jax.diffusion import analog_bits, losses
+from pdm_jax.train import state as state_lib
+from pdm_jax.train import step as step_lib
+
+
+def _config(arg="demo,tiny=1"):
+    c = pdm_configs.get_config(arg)
+    c.data.update(num_workers=0, num_threads=1, prefetch=8, num_records=64)
+    return c
+
+
+@functools.cache
+def _host_batch(arg="demo,tiny=1"):
+    """8 synthetic-world examples in the training schema (the same for every call)."""
+    config = _config(arg)
+    source, info = pipeline.create_source(config)
+    batch = next(iter(pipeline.create_loader(source, config, shuffle=False)))
+    return batch, info.empty_context
+
+
+@functools.cache
+def _initial(devices=8):
+    """(config, mesh, state, shardings) of the tiny demo model; initialised once per mesh."""
+    config = _config()
+    mesh = sharding.create_mesh((devices,), ("data",), devices=jax.devices()[:devices])
+    state, shardings = state_lib.create_train_state(config, jax.random.key(0), mesh)
+    return config, mesh, state, shardings
+
+
+def _setup(config=None, devices=8):
+    """A fresh copy of the initial state (steps donate it), a jitted step and the batch."""
+    default, mesh, state, shardings = _initial(devices)
+    config = config or default
+    batch, empty = _host_batch()
+    step_fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+    return jax.tree.map(jnp.copy, state), step_fn, sharding.shard_batch(batch, mesh)
+
+
+def test_state_is_born_sharded_on_the_data_mesh():
+    _, mesh, state, _ = _initial()
+    assert mesh.shape == {"data": 8}
+    for leaf in jax.tree.leaves(state):
+        assert leaf.sharding.mesh.shape == mesh.shape and leaf.sharding.is_fully_replicated
+    batch = sharding.shard_batch(_host_batch()[0], mesh)
+    assert batch["latent"].sharding.spec[0] == "data"
+    assert len(batch["latent"].addressable_shards) == 8
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_loss_and_update_as_one():
+    results = []
+    for devices in (1, 8):
+        state, step_fn, batch = _setup(devices=devices)
+        new_state, metrics = step_fn(state, batch)
+        results.append((jax.device_get(metrics), jax.device_get(new_state.params)))
+    (m1, p1), (m8, p8) = results
+    for key in ("loss", "image_loss", "map_loss", "grad_norm"):
+        np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
+    chex.assert_trees_all_close(p8, p1, rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_traces_once(monkeypatch):
+    monkeypatch.setattr(step_lib, "train_step", chex.assert_max_traces(step_lib.train_step, n=1))
+    state, step_fn, batch = _setup()
+    for k in range(3):
+        perturbed = dict(batch, latent=batch["latent"] + 0.01 * k)
+        state, _ = step_fn(state, perturbed)
+    assert int(state.step) == 3
+
+
+def _fixed_loss(config, params, batch, empty):
+    """The loss on ``batch`` with fixed noise, steps and dropout (comparable across params)."""
+    terms = losses.pdm_loss_terms(
+        step_lib.make_denoise_fn(config.model),
+        params,
+        jax.random.key(123),
+        batch["latent"],
+        analog_bits.ids_to_bits(batch["map"]),
+        batch["context"],
+        jnp.asarray(empty),
+        step_lib.schedule_from_config(config.diffusion),
+        map_noise_std=config.diffusion.map_noise_std,
+        p_uncond=0.0,
+    )
+    return float(jnp.mean(terms["loss"]))
+
+
+def test_fifty_steps_on_a_fixed_batch_reduce_the_loss():
+    config = _config()
+    state, step_fn, batch = _setup()
+    _, empty = _host_batch()
+    before = _fixed_loss(config, jax.device_get(state.params), _host_batch()[0], empty)
+    for _ in range(50):
+        state, metrics = step_fn(state, batch)
+    after = _fixed_loss(config, jax.device_get(state.params), _host_batch()[0], empty)
+    assert np.isfinite(float(metrics["loss"]))
+    assert after < 0.75 * before, (before, after)
+
+
+def test_frozen_image_stream_gets_no_update_map_stream_does():
+    config = _config("two_stream,tiny=1")
+    assert config.ckpt.freeze_image_stream and config.model.name == "two_stream"
+    config.model.update(in_chans=3, clip_dim=16, num_clip_token=4, map_patch_factor=1)
+    mesh = sharding.create_mesh()
+    state, shardings = state_lib.create_train_state(config, jax.random.key(0), mesh)
+    batch, empty = _host_batch()
+    step_fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+    before = jax.device_get(state.params)
+    state, _ = step_fn(state, sharding.shard_batch(batch, mesh))
+    after = jax.device_get(state.params)
+    mask = models.image_stream_mask(before)
+    flat = lambda t: traverse_util.flatten_dict(t, sep="/")
+    changed = {k: not np.array_equal(flat(before)[k], v) for k, v in flat(after).items()}
+    frozen = flat(mask)
+    image_keys = [k for k in changed if frozen[k]]
+    map_keys = [k for k in changed if not frozen[k]]
+    assert image_keys and map_keys
+    assert not any(changed[k] for k in image_keys), [k for k in image_keys if changed[k]]
+    # The zero-initialised projections that feed the image stream learn from step one.
+    used_zero_convs = [k for k in map_keys if k.startswith("zero_convs_") and k.endswith("kernel")]
+    used_zero_convs = [k for k in used_zero_convs if int(k.split("/")[0].split("_")[-1]) % 2]
+    assert used_zero_convs and all(changed[k] for k in used_zero_convs)
+    assert all(np.all(flat(before)[k] == 0) for k in used_zero_convs)
+    map_blocks = [k for k in map_keys if "zero_convs" not in k and "mask_embed_0" not in k]
+    assert sum(changed[k] for k in map_blocks) > 0.9 * len(map_blocks)
+    # Frozen leaves carry no Adam moments.
+    assert len(jax.tree.leaves(state.opt_state)) < 2 * len(jax.tree.leaves(state.params)) + 4
+
+
+def test_ema_follows_the_params():
+    decay = 0.5
+    config = _config()
+    config.optim.ema_decay = decay
+    state, step_fn, batch = _setup(config)
+    p0 = jax.device_get(state.params)
+    state, _ = step_fn(state, batch)
+    p1, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
+    chex.assert_trees_all_close(
+        ema, jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, p0, p1), rtol=1e-6
+    )
