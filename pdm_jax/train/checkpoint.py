@@ -245,20 +245,32 @@ def restore_state(
     if lines:
         raise mismatch_error(where, lines, config)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    items = {STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)}
-    has_data = (epath.Path(where) / DATA).is_dir()
-    if data_iterator is not None and has_data:
-        items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: item}))
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigMismatchError(
             f"Could not restore the train state at {where} into the config's layout (the "
             f"parameters match; the optimizer state differs, e.g. another "
             f"ckpt.freeze_image_stream or grad clipping): {e}"
         ) from e
-    if data_iterator is not None and not has_data:
-        logging.warning("Checkpoint %s has no data item; the data order restarts.", where)
+    if data_iterator is not None:
+        if (epath.Path(where) / DATA).is_dir():
+            try:
+                manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{DATA: grain.checkpoint.CheckpointRestore(data_iterator)}
+                    ),
+                )
+            except ValueError as e:
+                raise ConfigMismatchError(
+                    f"The data position saved at {where} does not fit this input pipeline "
+                    f"(use the checkpoint's data.* settings, or ckpt.init_from to start a "
+                    f"new data order from its parameters): {e}"
+                ) from e
+        else:
+            logging.warning("Checkpoint %s has no data item; the data order restarts.", where)
     return restored[STATE]
 
 

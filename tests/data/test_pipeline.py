@@ -90,7 +90,7 @@ def test_loader_schema_and_seeded_order():
 
 
 def test_loader_iterator_state_resumes_exactly():
-    config = _tiny_config()
+    config = _tiny_config(latent_scale=1.0)
     source = _ToySource(n=40)
     config.model.img_size = 8
     config.model.map_patch_factor = 1

@@ -70,7 +70,10 @@ def test_eight_devices_give_the_same_loss_and_update_as_one():
     (m1, p1), (m8, p8) = results
     for key in ("loss", "image_loss", "map_loss", "grad_norm"):
         np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, err_msg=key)
-    chex.assert_trees_all_close(p8, p1, rtol=1e-5, atol=1e-6)
+    # Adam's first step is ±lr·g/(|g| + eps) per element (lr = 1e-3 here), so a float32
+    # reduction-order difference in a near-zero gradient moves that element by up to ~1e-6;
+    # 5e-6 is 0.5% of one step, far below any real sharding bug (a whole step, 1e-3).
+    chex.assert_trees_all_close(p8, p1, rtol=1e-5, atol=5e-6)
 
 
 def test_train_step_traces_once(monkeypatch):
