@@ -62,8 +62,7 @@ from pdm_jax.diffusion import analog_bits
 from pdm_jax.diffusion.sampling import SamplerOptions, sample_pdm
 from pdm_jax.evaluation import clip_score, fid, reference_stats
 from pdm_jax.evaluation import mcd as mcd_lib
-from pdm_jax.train import checkpoint
-from pdm_jax.train import step as step_lib
+from pdm_jax.train import checkpoint, sample_mode
 
 # ``config.eval`` fields and their defaults (used for any field the config lacks).
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -230,10 +229,11 @@ def _sample_program(
     m = config.model
     has_map = m.name != "uvit"
     side = int(m.img_size * m.map_patch_factor)
+    denoise, schedule = sample_mode.sampling_denoiser(config)
     sample_fn = functools.partial(
         sample_pdm,
-        step_lib.make_denoise_fn(m),
-        schedule=step_lib.schedule_from_config(config.diffusion),
+        denoise,
+        schedule=schedule,
         image_shape=(m.img_size, m.img_size, m.in_chans),
         map_shape=(side, side, m.num_bits) if has_map else None,
         options=SamplerOptions.from_config(config.sampler),

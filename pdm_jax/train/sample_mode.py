@@ -184,6 +184,20 @@ def clipped_denoiser(denoise, schedule, bound: float, has_map: bool):
     return wrapped
 
 
+def sampling_denoiser(c: ml_collections.ConfigDict):
+    """``(denoise, schedule)``: the network as every sampler sees it (``sampler.clip_x0``).
+
+    Sample mode, the training grids, the demo metrics and evaluation all build their
+    sampler from this, so the same seed gives the same sample everywhere.
+    """
+    schedule = step_lib.schedule_from_config(c.diffusion)
+    denoise = step_lib.make_denoise_fn(c.model)
+    if c.sampler.get("clip_x0", 0.0) > 0:
+        has_map = c.model.name != "uvit"
+        denoise = clipped_denoiser(denoise, schedule, float(c.sampler.clip_x0), has_map)
+    return denoise, schedule
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(key: str, task: str):
     """The jitted, per-example-seeded sampler of one (model, diffusion, sampler) config.
@@ -195,10 +209,7 @@ def _compiled_sampler(key: str, task: str):
     m = c.model
     has_map = m.name != "uvit"
     map_side = int(m.img_size * m.map_patch_factor)
-    schedule = step_lib.schedule_from_config(c.diffusion)
-    denoise = step_lib.make_denoise_fn(m)
-    if c.sampler.get("clip_x0", 0.0) > 0:
-        denoise = clipped_denoiser(denoise, schedule, float(c.sampler.clip_x0), has_map)
+    denoise, schedule = sampling_denoiser(c)
     sample_fn = functools.partial(
         sample_pdm,
         denoise,
