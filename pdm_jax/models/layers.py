@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pdm_jax.models.attention import dot_product_attention
+
 Array = jax.Array
 Dtype = jnp.dtype | type
 
@@ -202,19 +204,20 @@ class Attention(nn.Module):
 
     num_heads: int
     qkv_bias: bool = False
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        """``[B, L, D] -> [B, L, D]``."""
+        """``[B, L, D] -> [B, L, D]``; ``attention`` picks the kernel (``models.attention``)."""
         b, length, d = x.shape
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         qkv = dense(3 * d, ("embed", "qkv"), use_bias=self.qkv_bias, name="qkv", **kw)(x)
         # Official einops 'B L (K H D)': K (q/k/v) outermost, then heads, then head_dim.
         qkv = qkv.reshape(b, length, 3, self.num_heads, d // self.num_heads)  # [B, L, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
-        y = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+        y = dot_product_attention(q, k, v, self.attention)  # [B, L, H, Dh]
         y = y.reshape(b, length, d)
         return dense(d, ("heads", "embed"), name="proj", **kw)(y)
 
@@ -242,6 +245,7 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     qkv_bias: bool = False
     skip: bool = False
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -266,7 +270,7 @@ class Block(nn.Module):
                 jnp.concatenate([x, skip], axis=-1)  # [B, L, 2D]
             )
         x = constrain(x)
-        x = x + Attention(self.num_heads, self.qkv_bias, name="attn", **kw)(
+        x = x + Attention(self.num_heads, self.qkv_bias, self.attention, name="attn", **kw)(
             layer_norm(name="norm1", **kw)(x)
         )
         x = x + Mlp(int(d * self.mlp_ratio), name="mlp", **kw)(layer_norm(name="norm2", **kw)(x))

@@ -89,7 +89,7 @@ class TwoStreamPDM(nn.Module):
         split = x.shape[1]
 
         blk = block_class(spec.remat_policy)
-        bkw = {"num_heads": spec.num_heads, "mlp_ratio": spec.mlp_ratio, "qkv_bias": spec.qkv_bias}
+        bkw = spec.block_kwargs
         stages = _stage_names(spec.depth)
         skips, skips_map = [], []
         for j, (image_name, map_name, has_skip) in enumerate(stages):

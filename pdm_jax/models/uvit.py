@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pdm_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from pdm_jax.models.layers import (
     REMAT_POLICIES,
     Dtype,
@@ -54,6 +55,8 @@ class UViTSpec:
       map_patch_factor: f; the map is ``f·S`` wide and patched with ``f·p``.
       use_given_map: the map is an input only (official ``use_ground_truth``).
       remat_policy: ``none`` | ``full`` | ``dots`` rematerialisation of the blocks.
+      attention: attention kernel, ``auto`` | ``xla`` | ``cudnn`` | ``chunked``
+        (``pdm_jax.models.attention``; ``auto`` is ``chunked`` on CPU, ``xla`` elsewhere).
     """
 
     img_size: int = 32
@@ -71,6 +74,7 @@ class UViTSpec:
     map_patch_factor: int = 1
     use_given_map: bool = False
     remat_policy: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -89,6 +93,10 @@ class UViTSpec:
             raise ValueError(
                 f"Unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}."
             )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"Unknown attention {self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}."
+            )
 
     @classmethod
     def from_config(cls, model_cfg: Any) -> "UViTSpec":
@@ -106,6 +114,16 @@ class UViTSpec:
                 raise ValueError(f"Model config lacks the field {field.name!r}.")
             values[field.name] = field.type(getattr(model_cfg, field.name))
         return cls(**values)
+
+    @property
+    def block_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments every transformer block of this model shares."""
+        return {
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "qkv_bias": self.qkv_bias,
+            "attention": self.attention,
+        }
 
     @property
     def extras(self) -> int:
@@ -198,7 +216,7 @@ def block_stack(spec: UViTSpec, x: Array, kw: dict) -> Array:
       ``[B, T, D]`` tokens (before the final norm).
     """
     blk = block_class(spec.remat_policy)
-    bkw = {"num_heads": spec.num_heads, "mlp_ratio": spec.mlp_ratio, "qkv_bias": spec.qkv_bias}
+    bkw = spec.block_kwargs
     skips = []
     for i in range(spec.depth // 2):
         x = blk(name=f"in_blocks_{i}", **bkw, **kw)(x)

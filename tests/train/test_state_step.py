@@ -155,3 +155,30 @@ def test_ema_follows_the_params():
     chex.assert_trees_all_close(
         ema, jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, p0, p1), rtol=1e-6
     )
+
+
+def test_remat_takes_effect_on_cpu():
+    """With ``compiler_options``, XLA:CPU keeps remat's recomputation (less temp memory)."""
+    mesh = sharding.create_mesh((1,), ("data",), devices=jax.devices()[:1])
+    temps = {}
+    for policy in ("none", "full"):
+        config = _config("two_stream,tiny=1")
+        config.model.remat_policy = policy
+        options = step_lib.compiler_options(config.model, mesh)
+        assert (options is None) == (policy == "none")
+        denoise = step_lib.make_denoise_fn(config.model)
+        m = config.model
+        x = jnp.zeros((8, m.img_size, m.img_size, m.in_chans))
+        side = m.img_size * m.map_patch_factor
+        mt = jnp.zeros((8, side, side, m.num_bits))
+        t = jnp.full((8,), 10.0)
+        ctx = jnp.zeros((8, m.num_clip_token, m.clip_dim))
+
+        def loss(p, x=x, mt=mt, t=t, ctx=ctx, denoise=denoise):
+            eps, map0 = denoise(p, x, mt, t, ctx)
+            return jnp.sum(eps**2) + jnp.sum(map0**2)
+
+        params = models.abstract_params(config.model)
+        compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(params).compile()
+        temps[policy] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps["full"] < 0.7 * temps["none"], temps

@@ -1,0 +1,163 @@
+"""Scaled dot-product attention with a platform-chosen implementation.
+
+On GPU and TPU ``jax.nn.dot_product_attention`` lets XLA (or cuDNN) pick a fused kernel.
+XLA:CPU has no fused attention: it writes the ``[B, H, T, T]`` logits to memory, reads
+them back for the softmax and again for the second matmul, and its batched matmuls run at
+a quarter of its plain-matmul speed. ``chunked_attention`` is the CPU path: a
+``lax.map`` over small groups of (batch, head) pairs, each group's logits small enough to
+stay in cache, with a custom VJP in the style of FlashAttention (Dao et al., 2022): the
+forward keeps only the output and the row log-sum-exp, the backward recomputes each
+group's probabilities from them. On a 2-core CPU it runs the two-stream map-stream
+attention (T = 590) forward + backward about 2× faster than the XLA path and keeps no
+``T × T`` residuals.
+
+Arrays are ``[B, T, H, Dh]`` (the layout ``jax.nn.dot_product_attention`` takes).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+# Logits per group: about 3 MiB keeps a group's [n, T, T] block in a CPU's L2/L3 cache.
+CHUNK_BYTES = 3 * 2**20
+
+
+def heads_per_chunk(num_groups: int, length: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """How many (batch, head) pairs ``chunked_attention`` handles per step.
+
+    Args:
+      num_groups: batch × heads.
+      length: sequence length T.
+      chunk_bytes: budget for one group's float32 logits ``[n, T, T]``.
+
+    Returns:
+      The largest divisor ``n`` of ``num_groups`` with ``n·T²·4 ≤ chunk_bytes`` (at least 1).
+    """
+    target = max(1, chunk_bytes // (4 * length * length))
+    return max(d for d in range(1, min(target, num_groups) + 1) if num_groups % d == 0)
+
+
+def _to_groups(a: Array, n: int) -> Array:
+    """``[B, T, H, D] -> [B·H/n, n, T, D]``."""
+    b, t, h, d = a.shape
+    return a.transpose(0, 2, 1, 3).reshape(b * h // n, n, t, d)
+
+
+def _from_groups(a: Array, batch: int, heads: int) -> Array:
+    """``[B·H/n, n, T, D] -> [B, T, H, D]``."""
+    _, _, t, d = a.shape
+    return a.reshape(batch, heads, t, d).transpose(0, 2, 1, 3)
+
+
+def _group_forward(q: Array, k: Array, v: Array, scale: float) -> tuple[Array, Array]:
+    """One group: output ``[n, T, D]`` and row log-sum-exp ``[n, T]`` (float32 softmax)."""
+    s = jnp.einsum("ntd,nsd->nts", q, k, preferred_element_type=jnp.float32) * scale
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("nts,nsd->ntd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (o / denom).astype(q.dtype), (m + jnp.log(denom))[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(q: Array, k: Array, v: Array, n: int) -> Array:
+    return _chunked_fwd(q, k, v, n)[0]
+
+
+def _chunked_fwd(q: Array, k: Array, v: Array, n: int):
+    b, _, h, d = q.shape
+    scale = d**-0.5
+    o, lse = jax.lax.map(
+        lambda g: _group_forward(*g, scale), (_to_groups(q, n), _to_groups(k, n), _to_groups(v, n))
+    )
+    return _from_groups(o, b, h), (q, k, v, o, lse)
+
+
+def _chunked_bwd(n: int, residuals, do: Array):
+    q, k, v, o, lse = residuals
+    b, _, h, d = q.shape
+    scale = d**-0.5
+
+    def group(g):
+        qg, kg, vg, og, lg, dog = g
+        f32 = jnp.float32
+        s = jnp.einsum("ntd,nsd->nts", qg, kg, preferred_element_type=f32) * scale
+        p = jnp.exp(s - lg[..., None])  # the forward's probabilities
+        dv = jnp.einsum("nts,ntd->nsd", p, dog, preferred_element_type=f32)
+        dp = jnp.einsum("ntd,nsd->nts", dog, vg, preferred_element_type=f32)
+        delta = jnp.sum(dog.astype(f32) * og.astype(f32), axis=-1, keepdims=True)
+        ds = p * (dp - delta) * scale  # softmax Jacobian applied to dp
+        dq = jnp.einsum("nts,nsd->ntd", ds, kg, preferred_element_type=f32)
+        dk = jnp.einsum("nts,ntd->nsd", ds, qg, preferred_element_type=f32)
+        return dq.astype(qg.dtype), dk.astype(kg.dtype), dv.astype(vg.dtype)
+
+    grads = jax.lax.map(
+        group,
+        (_to_groups(q, n), _to_groups(k, n), _to_groups(v, n), o, lse, _to_groups(do, n)),
+    )
+    return tuple(_from_groups(g, b, h) for g in grads)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(q: Array, k: Array, v: Array, heads_per_group: int | None = None) -> Array:
+    """Softmax attention computed group by group, with a memory-lean custom VJP.
+
+    Args:
+      q, k, v: ``[B, T, H, Dh]`` (same shapes).
+      heads_per_group: (batch, head) pairs per ``lax.map`` step; must divide ``B·H``.
+        Default: ``heads_per_chunk(B·H, T)``.
+
+    Returns:
+      ``softmax(q kᵀ / √Dh) v`` as ``[B, T, H, Dh]``.
+    """
+    if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
+        raise ValueError(
+            f"chunked_attention needs q, k, v of one [B, T, H, Dh] shape; got "
+            f"{q.shape}, {k.shape}, {v.shape}."
+        )
+    b, t, h, _ = q.shape
+    n = heads_per_group or heads_per_chunk(b * h, t)
+    if (b * h) % n:
+        raise ValueError(f"heads_per_group={n} does not divide batch × heads = {b * h}.")
+    return _chunked(q, k, v, n)
+
+
+def resolve_implementation(implementation: str) -> str:
+    """``auto`` → ``chunked`` on CPU, ``xla`` elsewhere (XLA/cuDNN choose a fused kernel).
+
+    Args:
+      implementation: one of ``IMPLEMENTATIONS``.
+
+    Returns:
+      The concrete implementation for the default backend.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}."
+        )
+    if implementation == "auto":
+        return "chunked" if jax.default_backend() == "cpu" else "xla"
+    return implementation
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, implementation: str = "auto") -> Array:
+    """``softmax(q kᵀ / √Dh) v`` over ``[B, T, H, Dh]`` arrays, no mask.
+
+    Args:
+      q, k, v: query, key, value.
+      implementation: ``auto`` (per backend), ``xla`` (``jax.nn.dot_product_attention``,
+        XLA picks), ``cudnn`` (its cuDNN kernel; GPU only) or ``chunked``.
+
+    Returns:
+      ``[B, T, H, Dh]`` attention output.
+    """
+    impl = resolve_implementation(implementation)
+    if impl == "chunked":
+        return chunked_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "xla" else impl)

@@ -1,0 +1,96 @@
+"""Tests of the attention kernels against a float64 NumPy softmax attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pdm_jax.models import attention
+
+
+def _reference(q, k, v):
+    """softmax(q kᵀ/√d) v in float64, [B, T, H, D] layout."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def _reference_grads(q, k, v, w):
+    """Gradients of sum(attention · w) by the closed-form softmax backward, float64."""
+    q, k, v, w = (np.asarray(a, np.float64) for a in (q, k, v, w))
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    s = np.einsum("bthd,bshd->bhts", q, k) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dv = np.einsum("bhts,bthd->bshd", p, w)
+    dp = np.einsum("bthd,bshd->bhts", w, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    dq = np.einsum("bhts,bshd->bthd", ds, k)
+    dk = np.einsum("bhts,bthd->bshd", ds, q)
+    return dq, dk, dv
+
+
+def _inputs(shape=(2, 37, 3, 8), seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 2) for _ in range(4)]
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "auto"])
+@pytest.mark.parametrize("group", [None, 1, 2, 3, 6])
+def test_forward_matches_reference(impl, group):
+    q, k, v, _ = _inputs()
+    if impl == "chunked" and group is not None:
+        out = attention.chunked_attention(q, k, v, heads_per_group=group)
+    else:
+        out = attention.dot_product_attention(q, k, v, impl)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 2, 6])
+def test_chunked_gradients_match_closed_form(group):
+    q, k, v, w = _inputs()
+
+    def loss(q, k, v):
+        return jnp.sum(attention.chunked_attention(q, k, v, heads_per_group=group) * w)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads, _reference_grads(q, k, v, w), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
+
+
+def test_chunked_equals_xla_path_with_gradients():
+    q, k, v, w = _inputs((4, 16, 2, 4), seed=1)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, impl) * w)
+
+    a = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    b = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
+
+
+def test_heads_per_chunk_fits_budget_and_divides():
+    assert attention.heads_per_chunk(64, 590) == 2  # 2 × 590² × 4 B ≈ 2.8 MiB
+    assert attention.heads_per_chunk(64, 334) == 4  # largest divisor of 64 under 7
+    assert attention.heads_per_chunk(63, 334) == 7
+    assert attention.heads_per_chunk(62, 334) == 2
+    assert attention.heads_per_chunk(8, 4096) == 1  # one head's logits exceed the budget
+    assert attention.heads_per_chunk(6, 4, chunk_bytes=10**9) == 6
+
+
+def test_auto_resolves_per_backend_and_rejects_unknown():
+    assert attention.resolve_implementation("auto") == "chunked"  # the tests run on CPU
+    assert attention.resolve_implementation("xla") == "xla"
+    with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
+        attention.resolve_implementation("flash")
+
+
+def test_chunked_rejects_bad_shapes_and_groups():
+    q, k, _, _ = _inputs()
+    with pytest.raises(ValueError, match="one \\[B, T, H, Dh\\] shape"):
+        attention.chunked_attention(q, k[:, :5], k)
+    with pytest.raises(ValueError, match="does not divide"):
+        attention.chunked_attention(q, q, q, heads_per_group=4)
