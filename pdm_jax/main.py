@@ -5,13 +5,17 @@ holds checkpoints) and, for configs with ``demo.use_metrics``, then writes the d
 ``metrics.json``; ``--mode=sample`` samples from the latest checkpoint (see
 ``pdm_jax.train.sample_mode``); ``--mode=evaluate`` samples validation prompts and scores
 them (``pdm_jax.evaluation.evaluate``). Any config field can be overridden with
-``--config.a.b=value``.
+``--config.a.b=value``. For COCO configs, ``--text_encoder=DIR`` (a local CLIP text
+directory: raw prompts) and ``--vae=PATH`` (the autoencoder: latents → PNGs) set
+``config.data.clip`` and ``config.data.vae``.
 """
 
 import logging as std_logging
+import os
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -37,7 +41,25 @@ _DISTRIBUTED = flags.DEFINE_bool(
     False,
     "Multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM GPU clusters).",
 )
+_TEXT_ENCODER = flags.DEFINE_string(
+    "text_encoder",
+    None,
+    "COCO configs: local CLIP ViT-L/14 text directory (Hugging Face folder, SD root or a "
+    "`pdm_jax.convert clip_text` output) for raw prompts; sets config.data.clip.",
+)
+_VAE = flags.DEFINE_string(
+    "vae",
+    None,
+    "COCO configs: VAE checkpoint (autoencoder_kl.pth, a diffusers vae/ directory or a "
+    "`pdm_jax.convert vae` output) that decodes latents to PNGs; sets config.data.vae.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+for _flag in ("text_encoder", "vae"):
+    flags.register_validator(
+        _flag,
+        lambda path: path is None or os.path.exists(path),
+        message="the path does not exist; pass a local file or directory.",
+    )
 
 # Errors whose message says what went wrong and how to fix it: no traceback needed.
 _USER_ERRORS = (
@@ -55,10 +77,25 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _apply_weight_flags(config: ml_collections.ConfigDict) -> None:
+    """``--text_encoder`` / ``--vae`` → ``config.data.clip`` / ``config.data.vae``."""
+    given = {"clip": _TEXT_ENCODER.value, "vae": _VAE.value}
+    given = {field: path for field, path in given.items() if path is not None}
+    if given and config.data.source != "coco":
+        raise app.UsageError(
+            f"--text_encoder/--vae apply to COCO configs, but data.source is "
+            f"{config.data.source!r}, whose dataset encodes its own prompts and images; drop "
+            "them or use a COCO config (e.g. configs/pdm.py:two_stream)."
+        )
+    for field, path in given.items():
+        config.data[field] = path
+
+
 def main(argv: list[str]) -> None:
     """Runs ``--mode`` with ``--config`` in ``--workdir``."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _apply_weight_flags(_CONFIG.value)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _DISTRIBUTED.value:
         jax.distributed.initialize()

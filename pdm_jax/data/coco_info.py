@@ -33,8 +33,9 @@ class _LazyVAE:
     def _model(self) -> tuple[Any, Any, Any, Any]:
         if not self.path:
             raise FileNotFoundError(
-                "Decoding COCO latents needs the VAE: pass --config.data.vae=<autoencoder_kl.pth "
-                "or a diffusers vae/ directory or a `pdm_jax.convert vae` output>."
+                "Decoding COCO latents needs the VAE: pass --vae (or --config.data.vae)="
+                "<autoencoder_kl.pth, a diffusers vae/ directory or a `pdm_jax.convert vae` "
+                "output>."
             )
         from pdm_jax.convert.vae import load_vae
 
@@ -67,8 +68,9 @@ class _LazyText:
     def _encoder(self) -> Any:
         if not self.path:
             raise FileNotFoundError(
-                "Raw prompts need the CLIP text encoder: pass --config.data.clip=<local "
-                "clip-vit-large-patch14 directory or a `pdm_jax.convert clip_text` output>."
+                "Raw prompts need the CLIP text encoder: pass --text_encoder (or "
+                "--config.data.clip)=<local clip-vit-large-patch14 directory or a "
+                "`pdm_jax.convert clip_text` output>."
             )
         from pdm_jax.convert.hf_clip import load_text_encoder
 
@@ -108,3 +110,44 @@ def coco_dataset(config: ml_collections.ConfigDict, split: str) -> tuple[Any, An
         eval_prompts=prompts,
     )
     return source, info
+
+
+def encoder_info(config: ml_collections.ConfigDict) -> Any:
+    """The ``DatasetInfo`` of COCO without prepared data: sampling from raw prompts.
+
+    The unconditional context is the CLIP encoding of ``""``, which is what ``prepare_coco``
+    stores, so a sample equals the one drawn with ``data.dir`` set to data prepared with the
+    same CLIP. There are no evaluation prompts.
+
+    Args:
+      config: the full config (``data.clip``, ``data.vae``, ``data.latent_scale``, the
+        model's ``num_clip_token`` and ``clip_dim``).
+
+    Returns:
+      The dataset description sample mode uses.
+
+    Raises:
+      FileNotFoundError: when ``data.clip`` is unset or missing.
+      ValueError: when the CLIP context shape is not the model's.
+    """
+    from pdm_jax.data.pipeline import DatasetInfo
+
+    text = _LazyText(str(config.data.get("clip", "")))
+    empty = text([""])[0]  # [T, D]
+    want = (int(config.model.num_clip_token), int(config.model.clip_dim))
+    if empty.shape != want:
+        raise ValueError(
+            f"The CLIP text encoder at {text.path} gives contexts of shape {empty.shape}, but "
+            f"the model takes {want} (model.num_clip_token, model.clip_dim); pass the CLIP the "
+            "model was trained with."
+        )
+    vae = _LazyVAE(str(config.data.get("vae", "")), float(config.data.latent_scale))
+    return DatasetInfo(
+        empty_context=empty,
+        encode_text=text,
+        encode_images=vae.encode,
+        decode_latents=vae.decode,
+        category_names=coco.category_names(),
+        colour_table=coco.colour_table(),
+        eval_prompts=(),
+    )

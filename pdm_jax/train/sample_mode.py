@@ -6,6 +6,11 @@ type, CFG scale, task). Tasks: ``cogenerate``; ``given_map`` (``sample.map``: a 
 ids or a PNG); ``given_image`` (``sample.image``, an RGB PNG); ``inpaint`` (``sample.mask``,
 white = regenerate, with ``sample.image`` and/or ``sample.map`` as the known content).
 
+COCO configs decode latents with the VAE of ``data.vae`` (``--vae``) and encode raw prompts
+with the CLIP text encoder of ``data.clip`` (``--text_encoder``); with ``data.dir`` unset,
+those two and the checkpoint are all that sampling reads (the unconditional context is
+CLIP's encoding of ``""``, as in prepared data).
+
 Per sample it writes ``NNN_image.png``, ``NNN_map.png`` (coloured, with a legend of the
 category names), ``NNN_map.npy`` (raw ids), and for the run ``grid.png`` and
 ``samples.json`` (captions, seeds, files). Sample ``j`` of every prompt uses
@@ -313,8 +318,27 @@ def read_prompts(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo) 
         if not prompts:
             raise ValueError(f"Prompts file {p} has no non-empty lines.")
         return prompts
+    if not info.eval_prompts:
+        raise ValueError(
+            "No prompts: pass --config.sample.prompt or --config.sample.prompts_file (without "
+            "--config.data.dir there are no dataset prompts to fall back on)."
+        )
     logging.info("No sample.prompt or sample.prompts_file: using the dataset's eval prompts.")
     return list(info.eval_prompts)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+    """The codecs and unconditional context sample mode uses.
+
+    Those of the configured dataset's train split; for COCO without ``data.dir``, those of
+    the encoders alone (``coco_info.encoder_info``): a converted checkpoint, the VAE and the
+    CLIP text encoder are all sampling needs.
+    """
+    if config.data.source == "coco" and not config.data.dir:
+        from pdm_jax.data import coco_info
+
+        return coco_info.encoder_info(config)
+    return pipeline.create_source(config, "train")[1]
 
 
 def _known_inputs(config, info, sampler: Sampler, n: int) -> dict[str, np.ndarray | None]:
@@ -369,7 +393,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
       The output directory.
     """
     params, step = load_sampling_params(config, workdir)
-    _, info = pipeline.create_source(config, "train")
+    info = dataset_info(config)
     prompts = read_prompts(config, info)
     s = config.sample
     captions = [p for p in prompts for _ in range(s.num_samples)]
