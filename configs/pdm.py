@@ -207,16 +207,17 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
             clip_dim=64,
             num_clip_token=16,
             map_patch_factor=1,
+            remat_policy="none",  # 49 tokens: nothing worth recomputing
         )
         c.data.update(source="synthetic", num_workers=0, latent_scale=2.0)
         c.train.update(
             batch_size=16,
-            num_train_steps=3000,
+            num_train_steps=4000,
             log_every_steps=100,
             eval_every_steps=1000,
             checkpoint_every_steps=1000,
         )
-        c.optim.update(learning_rate=1e-3, warmup_steps=100, ema_decay=0.995, weight_decay=0.0)
+        c.optim.update(learning_rate=4e-3, warmup_steps=100, ema_decay=0.995, weight_decay=0.0)
         c.sampler.update(steps=20, order=2, method="multistep", clip_x0=2.0)
         c.demo.use_metrics = True
     _apply_options(c, options)
