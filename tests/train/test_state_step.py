@@ -20,6 +20,7 @@ from pdm_jax.train import step as step_lib
 def _config(arg="demo,tiny=1"):
     c = pdm_configs.get_config(arg)
     c.data.update(num_workers=0, num_threads=1, prefetch=8, num_records=64)
+    c.optim.learning_rate = 1e-3  # tolerances below are stated in units of this step size
     return c
 
 
