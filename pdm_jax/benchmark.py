@@ -26,7 +26,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pdm_jax import models, sharding
-from pdm_jax.diffusion.sampling import SamplerOptions, sample_pdm
+from pdm_jax.diffusion.sampling import SamplerOptions
+from pdm_jax.train import sample_mode
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
 
@@ -107,17 +108,7 @@ def _program(config: Any, what: str, batch_size: int, steps: int | None):
     options = SamplerOptions.from_config(config.sampler)
     if steps:
         options = dataclasses.replace(options, steps=steps)
-    m = config.model
-    map_side = m.img_size * m.map_patch_factor
-    sample_fn = functools.partial(
-        sample_pdm,
-        denoise,
-        schedule=step_lib.schedule_from_config(config.diffusion),
-        image_shape=(m.img_size, m.img_size, m.in_chans),
-        map_shape=(map_side, map_side, m.num_bits) if has_map else None,
-        options=options,
-        map_noise_std=config.diffusion.map_noise_std,
-    )
+    sample_fn = sample_mode.configured_sampler(config, options=options)
     fn = jax.jit(sample_fn)
     args = (params, rng, batch["context"], empty)
     return fn, (lambda: args), (lambda compiled: compiled(*args))

@@ -59,7 +59,6 @@ from PIL import Image, PngImagePlugin
 from pdm_jax import models, sharding
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits
-from pdm_jax.diffusion.sampling import SamplerOptions, sample_pdm
 from pdm_jax.evaluation import clip_score, fid, reference_stats
 from pdm_jax.evaluation import mcd as mcd_lib
 from pdm_jax.train import checkpoint, sample_mode
@@ -228,18 +227,7 @@ def _sample_program(
     valid_ids = np.asarray(valid_ids, np.int64)
     m = config.model
     has_map = m.name != "uvit"
-    side = int(m.img_size * m.map_patch_factor)
-    denoise, schedule = sample_mode.sampling_denoiser(config)
-    sample_fn = functools.partial(
-        sample_pdm,
-        denoise,
-        schedule=schedule,
-        image_shape=(m.img_size, m.img_size, m.in_chans),
-        map_shape=(side, side, m.num_bits) if has_map else None,
-        options=SamplerOptions.from_config(config.sampler),
-        map_noise_std=config.diffusion.map_noise_std,
-        task=task,
-    )
+    sample_fn = sample_mode.configured_sampler(config, task)
 
     def one(params, seed, context, empty, ids):
         known = analog_bits.ids_to_bits(ids, m.num_bits)[None] if task == "given_map" else None

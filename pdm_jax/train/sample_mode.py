@@ -203,6 +203,34 @@ def sampling_denoiser(c: ml_collections.ConfigDict):
     return denoise, schedule
 
 
+def configured_sampler(
+    c: ml_collections.ConfigDict, task: str = "cogenerate", options: SamplerOptions | None = None
+):
+    """``sample_pdm`` bound to the configured network, schedule, shapes and solver.
+
+    Args:
+      c: the full config (``model``, ``diffusion``, ``sampler``).
+      task: sampling task (``diffusion.sampling.TASKS``).
+      options: solver settings; default ``SamplerOptions.from_config(c.sampler)``.
+
+    Returns:
+      ``(params, rng, context, empty_context, **known/masks) -> {"x", "m"?}``.
+    """
+    m = c.model
+    map_side = int(m.img_size * m.map_patch_factor)
+    denoise, schedule = sampling_denoiser(c)
+    return functools.partial(
+        sample_pdm,
+        denoise,
+        schedule=schedule,
+        image_shape=(m.img_size, m.img_size, m.in_chans),
+        map_shape=(map_side, map_side, m.num_bits) if m.name != "uvit" else None,
+        options=options or SamplerOptions.from_config(c.sampler),
+        map_noise_std=c.diffusion.map_noise_std,
+        task=task,
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(key: str, task: str):
     """The jitted, per-example-seeded sampler of one (model, diffusion, sampler) config.
@@ -210,21 +238,7 @@ def _compiled_sampler(key: str, task: str):
     Cached so the trainer's sample grids, the demo metrics and sample mode share compiled
     programs (one per batch shape) within a process.
     """
-    c = ml_collections.ConfigDict(json.loads(key))
-    m = c.model
-    has_map = m.name != "uvit"
-    map_side = int(m.img_size * m.map_patch_factor)
-    denoise, schedule = sampling_denoiser(c)
-    sample_fn = functools.partial(
-        sample_pdm,
-        denoise,
-        schedule=schedule,
-        image_shape=(m.img_size, m.img_size, m.in_chans),
-        map_shape=(map_side, map_side, m.num_bits) if has_map else None,
-        options=SamplerOptions.from_config(c.sampler),
-        map_noise_std=c.diffusion.map_noise_std,
-        task=task,
-    )
+    sample_fn = configured_sampler(ml_collections.ConfigDict(json.loads(key)), task)
 
     def one(params, rng, context, empty, known_x, known_m, mask_x, mask_m):
         add = lambda a: None if a is None else a[None]
