@@ -9,8 +9,7 @@ import numpy as np
 
 from configs import pdm as pdm_configs
 from pdm_jax import models
-from pdm_jax.train import checkpoint
-from pdm_jax.train import state as state_lib
+from tests.train import saved_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,16 +42,7 @@ def test_sample_with_mismatched_config_lists_the_shapes(tmp_path):
     params = jax.tree.map(
         lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(config.model)
     )
-    state = state_lib.TrainState(
-        step=np.zeros((), np.int32),
-        params=params,
-        ema_params=params,
-        opt_state=np.zeros((), np.float32),
-        rng=jax.random.key(0),
-    )
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path))
-    checkpoint.save(manager, state, config=config)
-    manager.wait_until_finished()
+    saved_states.save_state(tmp_path, saved_states.params_only_state(params), config)
     result = _run(
         "--config=configs/pdm.py:demo,tiny=1",
         f"--workdir={tmp_path}",

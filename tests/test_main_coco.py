@@ -31,13 +31,13 @@ from pdm_jax.convert import components
 from pdm_jax.convert.torch_io import save_safetensors
 from pdm_jax.data import coco, coco_encoders, pipeline, prepare_coco
 from pdm_jax.models.clip import ClipTextConfig, CLIPTextModel
-from pdm_jax.models.vae import AutoencoderKL, VAEConfig
-from pdm_jax.train import checkpoint, sample_mode
-from pdm_jax.train import state as state_lib
+from pdm_jax.models.vae import AutoencoderKL
+from pdm_jax.train import sample_mode
 from tests.data import fake_coco
+from tests.train import saved_states
 
 REPO = Path(__file__).resolve().parents[1]
-SCALE = 0.2301
+SCALE = fake_coco.VAE_SCALE
 PROMPT = "the sky over the sea"
 OTHER_PROMPT = "a dog on the wooden floor"
 SEED = 3
@@ -45,14 +45,7 @@ SEED = 3
 # the VAE decodes to saturated colours); clipped, the PNGs keep the context's effect visible.
 CLIP_X0 = 1.0
 CFG_SCALE = 2.0  # guidance: the unconditional context (CLIP of "") is used too
-# Four levels: 256×256 images ↔ 32×32×4 latents, as the SD KL-f8 VAE.
-TINY_VAE = VAEConfig(
-    block_out_channels=(8, 8, 8, 8),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    scale_factor=SCALE,
-)
+TINY_VAE = fake_coco.TINY_VAE
 TEXT = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -148,16 +141,7 @@ def setup(tmp_path_factory):
     # the context change the sample visibly.
     params = _random_tree(models.abstract_params(config.model), seed=2)
     workdir = root / "workdir"
-    state = state_lib.TrainState(
-        step=np.asarray(7, np.int32),
-        params=params,
-        ema_params=params,
-        opt_state=np.zeros((), np.float32),
-        rng=jax.random.key(0),
-    )
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir))
-    checkpoint.save(manager, state, config=config)
-    manager.wait_until_finished()
+    saved_states.save_state(workdir, saved_states.params_only_state(params, step=7), config)
     return dict(
         root=root,
         clip_dir=clip_dir,

@@ -25,7 +25,19 @@ import os
 import numpy as np
 from PIL import Image
 
+from pdm_jax.models.vae import VAEConfig
+
 SPLIT = "val"
+# The VAE the COCO tests encode and decode with: four levels (256×256 images ↔ 32×32×4
+# latents, as the SD KL-f8 VAE), 8 channels wide, with U-ViT's latent scale factor.
+VAE_SCALE = 0.2301
+TINY_VAE = VAEConfig(
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    scale_factor=VAE_SCALE,
+)
 # image id → (width, height)
 SIZES = {1: (512, 256), 2: (128, 192), 3: (300, 300), 4: (64, 48), 5: (64, 64), 6: (64, 80)}
 CROPS = {1: (128, 0, 384, 256), 2: (0, 32, 128, 160), 3: (0, 0, 300, 300)}

@@ -14,19 +14,12 @@ from configs.pdm import get_config
 from pdm_jax.data import coco, coco_encoders, coco_source, pipeline, prepare_coco
 from pdm_jax.data import coco_records as records
 from pdm_jax.models.clip import ClipTextConfig, CLIPTextModel
-from pdm_jax.models.vae import AutoencoderKL, VAEConfig
+from pdm_jax.models.vae import AutoencoderKL
 from tests.data import fake_coco
 
-SCALE = 0.2301
+SCALE = fake_coco.VAE_SCALE
 OPTIONS = prepare_coco.PrepareOptions(records_per_shard=2)
-# Three levels of downsampling are needed for 32×32 latents at 256 px.
-TINY_VAE = VAEConfig(
-    block_out_channels=(8, 8, 8, 8),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    scale_factor=SCALE,
-)
+TINY_VAE = fake_coco.TINY_VAE
 
 
 def _random_params(module, *inputs, seed):

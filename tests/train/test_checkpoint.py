@@ -17,6 +17,7 @@ from configs import pdm as pdm_configs
 from pdm_jax import models, sharding
 from pdm_jax.train import checkpoint, trainer
 from pdm_jax.train import state as state_lib
+from tests.train import saved_states
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,13 +38,7 @@ def _params_only_state(config, seed=0):
         lambda a: rng.standard_normal(a.shape).astype(a.dtype),
         models.abstract_params(config.model),
     )
-    return state_lib.TrainState(
-        step=np.zeros((), np.int32),
-        params=random_tree(),
-        ema_params=random_tree(),
-        opt_state=np.zeros((), np.float32),
-        rng=jax.random.key(seed),
-    )
+    return saved_states.params_only_state(random_tree(), random_tree())
 
 
 def _saved_fresh_state(config, workdir, params_only=False):
@@ -53,9 +48,7 @@ def _saved_fresh_state(config, workdir, params_only=False):
     else:
         mesh = sharding.create_mesh()
         state, _ = state_lib.create_train_state(config, jax.random.key(config.seed), mesh)
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir))
-    checkpoint.save(manager, state, config=config)
-    manager.wait_until_finished()
+    saved_states.save_state(workdir, state, config)
     return state
 
 
