@@ -31,15 +31,6 @@ from pdm_jax.train import sample_mode
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WHAT = flags.DEFINE_enum(
-    "what", "train_step", ["train_step", "denoise", "sample"], "What to time."
-)
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sampler.steps).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up.")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
-
 # Dense bf16/fp32 peaks (FLOP/s) for MFU, by device kind substring; CPUs are not listed.
 _PEAK_FLOPS = {
     "H100": 989e12,
@@ -172,13 +163,30 @@ def run_benchmark(
     return record
 
 
-def main(argv):
+def _define_flags() -> dict[str, flags.FlagHolder]:
+    """The command-line flags, defined only when run as a program: importing this module
+    (e.g. beside ``pdm_jax.data.prepare_coco``, which has its own ``--batch_size``) adds none.
+    """
+    return {
+        "config": config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True),
+        "what": flags.DEFINE_enum(
+            "what", "train_step", ["train_step", "denoise", "sample"], "What to time."
+        ),
+        "batch_size": flags.DEFINE_integer("batch_size", 8, "Global batch size."),
+        "steps": flags.DEFINE_integer(
+            "steps", None, "Sampler steps (default: config.sampler.steps)."
+        ),
+        "repeats": flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up."),
+        "warmup": flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation."),
+    }
+
+
+def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
+    """Runs the benchmark the flags describe and prints its JSON record."""
     del argv
-    record = run_benchmark(
-        _CONFIG.value, _WHAT.value, _BATCH.value, _STEPS.value, _REPEATS.value, _WARMUP.value
-    )
+    record = run_benchmark(**{name: holder.value for name, holder in defined.items()})
     print(json.dumps(record))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(functools.partial(main, defined=_define_flags()))
