@@ -70,6 +70,7 @@ def _base_config() -> ml_collections.ConfigDict:
     d.map_loss_weight = 1.0
     d.p_uncond = 0.1
     d.map_pooling = "min"  # min | min_nonvoid | mode
+    d.image_prediction = "eps"  # eps (the paper, official checkpoints) | v
 
     c.sampler = s = ml_collections.ConfigDict()
     s.steps = 50
@@ -86,6 +87,8 @@ def _base_config() -> ml_collections.ConfigDict:
     o.b1 = 0.9
     o.b2 = 0.9
     o.warmup_steps = 5000
+    o.decay = "constant"  # constant (official) | cosine (to final_lr_fraction at the last step)
+    o.final_lr_fraction = 0.0
     o.grad_clip_norm = 0.0  # 0 disables clipping (the official recipe does not clip)
     o.ema_decay = 0.9999
 
@@ -112,6 +115,10 @@ def _base_config() -> ml_collections.ConfigDict:
     c.sharding = sh = ml_collections.ConfigDict()
     sh.mesh_shape = (-1,)  # -1: all devices on the data axis
     sh.mesh_axes = ("data",)
+    # Host CPU only: split it into this many single-threaded XLA devices, each running its
+    # slice of the batch on its own core (0: JAX's one device; -1: one per core, reduced to
+    # a divisor of the batch). Small models run ~1.5× faster on 2 cores; GPUs/TPUs ignore it.
+    sh.cpu_devices = 0
 
     c.ckpt = ck = ml_collections.ConfigDict()
     ck.resume_from = ""
@@ -210,9 +217,10 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
             remat_policy="none",  # 49 tokens: nothing worth recomputing
         )
         c.data.update(source="synthetic", num_workers=0, latent_scale=2.0)
+        c.sharding.cpu_devices = -1  # one single-threaded XLA device per core: 1.45× on 2
         c.train.update(
             batch_size=16,
-            num_train_steps=4000,
+            num_train_steps=5500,
             log_every_steps=100,
             eval_every_steps=1000,
             checkpoint_every_steps=1000,

@@ -19,6 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pdm_jax import sharding
 from pdm_jax.evaluation import evaluate
 from pdm_jax.train import checkpoint, demo, sample_mode, trainer
 
@@ -95,8 +96,18 @@ def main(argv: list[str]) -> None:
     """Runs ``--mode`` with ``--config`` in ``--workdir``."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    _apply_weight_flags(_CONFIG.value)
+    config = _CONFIG.value
+    _apply_weight_flags(config)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    cpu_devices = sharding.host_cpu_devices(
+        int(config.sharding.get("cpu_devices", 0)), int(config.train.batch_size)
+    )
+    if cpu_devices and not sharding.use_cpu_devices(cpu_devices):
+        logging.warning(
+            "sharding.cpu_devices=%d not applied: JAX's backends were already initialised or "
+            "XLA_FLAGS sets --xla_force_host_platform_device_count.",
+            cpu_devices,
+        )
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info(
@@ -106,7 +117,7 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
-        MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+        MODES[_MODE.value](config, _WORKDIR.value)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)

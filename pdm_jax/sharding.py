@@ -5,11 +5,13 @@ replicated for now (the logical-axis rules below map every parameter axis to ``N
 FSDP or tensor parallelism only change ``LOGICAL_AXIS_RULES`` and the mesh shape.
 """
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -91,3 +93,66 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(put, batch)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def host_cpu_devices(requested: int, batch_size: int, cores: int | None = None) -> int:
+    """How many XLA CPU devices ``sharding.cpu_devices`` asks for on this host.
+
+    Args:
+      requested: ``0`` (keep JAX's one multi-threaded device), ``-1`` (one per usable
+        core, reduced to the largest count that divides ``batch_size``) or an explicit
+        count.
+      batch_size: the global batch, which the data axis must divide.
+      cores: usable cores (default: this process's CPU affinity).
+
+    Returns:
+      The device count; 0 when ``requested`` is 0.
+    """
+    if requested == 0:
+        return 0
+    if requested > 0:
+        if batch_size % requested:
+            raise ValueError(
+                f"sharding.cpu_devices={requested} does not divide the batch size "
+                f"{batch_size}; pick a divisor, or -1 to choose one."
+            )
+        return requested
+    if requested != -1:
+        raise ValueError(f"sharding.cpu_devices={requested}: use 0, -1 or a positive count.")
+    cores = _usable_cores() if cores is None else cores
+    return max(n for n in range(1, max(cores, 1) + 1) if batch_size % n == 0)
+
+
+def use_cpu_devices(count: int) -> bool:
+    """Splits the host CPU into ``count`` single-threaded XLA devices (data parallelism).
+
+    XLA:CPU runs one program on one thread pool; a small model's ops are too short to
+    keep several threads busy (the demo step takes as long on 1 thread as on 2), while
+    ``count`` devices each run their slice of the batch on their own core. It only
+    affects the CPU backend and must run before JAX initialises its backends.
+
+    Args:
+      count: devices to create (≤ 1: nothing to do).
+
+    Returns:
+      Whether the setting was applied: False when JAX's backends already exist or
+      ``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count`` (an explicit
+      choice wins).
+    """
+    if count <= 1:
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in flags:
+        return False
+    jax.config.update("jax_num_cpu_devices", count)
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        flags += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
+    return True

@@ -9,6 +9,11 @@ The network predicts ε for the image and M_0 directly for the map; the loss is
 ``mean‖ε − ε̂‖² + λ·mean‖M_0 − M̂_0‖²`` per example. With probability ``p_uncond`` an
 example's text context is replaced by the empty-caption context (classifier-free guidance
 training); the map input is never dropped.
+
+Option (not in the paper; its checkpoints use ε): ``image_prediction`` ``"x0"`` regresses
+the clean latent, as the map head does, and ``"v"`` regresses ``v = √ᾱ_n ε − √(1−ᾱ_n) x_0``
+(Salimans & Ho 2022). Per unit of x_0 error, the ε loss weighs a step by its SNR, v by
+SNR + 1 and x_0 by 1, so the latter two put more weight on the noisy steps.
 """
 
 from collections.abc import Callable
@@ -21,7 +26,7 @@ import jax.numpy as jnp
 from pdm_jax.diffusion.schedules import VPSchedule
 
 Array = jax.Array
-# (params, x_n, m_n, n, context) -> eps_hat or (eps_hat, map0_hat)
+# (params, x_n, m_n, n, context) -> img_hat or (img_hat, map0_hat)
 DenoiseFn = Callable[[Any, Array, Array | None, Array, Array], Any]
 
 
@@ -31,6 +36,7 @@ class NoisedBatch:
 
     n: Array  # [B] int32 in 1..N (the model's time input)
     x_n: Array  # [B, S, S, C]
+    abar: Array  # [B] ᾱ_n
     eps: Array  # [B, S, S, C]
     m_n: Array | None  # [B, fS, fS, bits]
     m_0: Array | None  # [B, fS, fS, bits]
@@ -70,7 +76,7 @@ def noise_inputs(
     if m_0 is not None:
         eps_m = map_noise_std * jax.random.normal(k_map, m_0.shape, m_0.dtype)
         m_n = _bcast(jnp.sqrt(abar), m_0) * m_0 + _bcast(jnp.sqrt(1 - abar), m_0) * eps_m
-    return NoisedBatch(n=n, x_n=x_n, eps=eps, m_n=m_n, m_0=m_0)
+    return NoisedBatch(n=n, x_n=x_n, abar=abar, eps=eps, m_n=m_n, m_0=m_0)
 
 
 def drop_context(rng: Array, context: Array, empty_context: Array, p_uncond: float) -> Array:
@@ -95,6 +101,33 @@ def _per_example_mse(a: Array, b: Array) -> Array:
     )
 
 
+IMAGE_PREDICTIONS = ("eps", "v", "x0")
+
+
+def image_target(noised: NoisedBatch, x_0: Array, image_prediction: str = "eps") -> Array:
+    """The image head's regression target: ε, or v = √ᾱ ε − √(1−ᾱ) x_0.
+
+    Args:
+      noised: the noised batch (its ε and ᾱ).
+      x_0: ``[B, S, S, C]`` clean latents.
+      image_prediction: ``"eps"`` (the paper) or ``"v"``.
+
+    Returns:
+      ``[B, S, S, C]`` targets.
+    """
+    if image_prediction == "eps":
+        return noised.eps
+    if image_prediction == "x0":
+        return x_0
+    if image_prediction == "v":
+        a = _bcast(jnp.sqrt(noised.abar), x_0)
+        s = _bcast(jnp.sqrt(1 - noised.abar), x_0)
+        return a * noised.eps - s * x_0
+    raise ValueError(
+        f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
+    )
+
+
 def pdm_loss_terms(
     denoise_fn: DenoiseFn,
     params: Any,
@@ -109,6 +142,7 @@ def pdm_loss_terms(
     map_loss_weight: float = 1.0,
     p_uncond: float = 0.1,
     use_given_map: bool = False,
+    image_prediction: str = "eps",
 ) -> dict[str, Array]:
     """Per-example terms of the joint loss.
 
@@ -124,25 +158,27 @@ def pdm_loss_terms(
       map_noise_std, map_loss_weight, p_uncond: DESIGN §2 hyperparameters.
       use_given_map: the paper's "PDM given maps": the clean map is the map input and only
         the image loss is used.
+      image_prediction: what the image head predicts, ``"eps"`` (the paper) or ``"v"``.
 
     Returns:
       Dict of ``[B]`` arrays: ``loss``, ``image_loss``, ``map_loss`` (zeros without a map).
     """
     k_noise, k_drop = jax.random.split(rng)
     noised = noise_inputs(k_noise, x_0, m_0, schedule, map_noise_std)
+    target = image_target(noised, x_0, image_prediction)
     ctx = drop_context(k_drop, context, empty_context, p_uncond)
     t_in = noised.n.astype(jnp.float32)
     if m_0 is None:
-        eps_hat = denoise_fn(params, noised.x_n, None, t_in, ctx)
-        image_loss = _per_example_mse(noised.eps, eps_hat)
+        img_hat = denoise_fn(params, noised.x_n, None, t_in, ctx)
+        image_loss = _per_example_mse(target, img_hat)
         map_loss = jnp.zeros_like(image_loss)
     elif use_given_map:
-        eps_hat, _ = denoise_fn(params, noised.x_n, m_0, t_in, ctx)
-        image_loss = _per_example_mse(noised.eps, eps_hat)
+        img_hat, _ = denoise_fn(params, noised.x_n, m_0, t_in, ctx)
+        image_loss = _per_example_mse(target, img_hat)
         map_loss = jnp.zeros_like(image_loss)
     else:
-        eps_hat, m0_hat = denoise_fn(params, noised.x_n, noised.m_n, t_in, ctx)
-        image_loss = _per_example_mse(noised.eps, eps_hat)
+        img_hat, m0_hat = denoise_fn(params, noised.x_n, noised.m_n, t_in, ctx)
+        image_loss = _per_example_mse(target, img_hat)
         map_loss = _per_example_mse(m_0, m0_hat)
     return {
         "loss": image_loss + map_loss_weight * map_loss,

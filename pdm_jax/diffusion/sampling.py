@@ -97,6 +97,7 @@ def sample_pdm(
     known_m: Array | None = None,
     mask_x: Array | None = None,
     mask_m: Array | None = None,
+    image_prediction: str = "eps",
 ) -> dict[str, Array]:
     """Samples image latents (and maps) for a batch of contexts.
 
@@ -117,11 +118,16 @@ def sample_pdm(
       task: one of ``TASKS``.
       known_x, known_m: clean latents ``[B, S, S, C]`` / analog-bit maps ``[B, fS, fS, bits]``.
       mask_x, mask_m: inpainting masks broadcastable to the known arrays, 1 = known.
+      image_prediction: what the network's image output is, ``"eps"`` or ``"v"``.
 
     Returns:
       ``{"x": [B, S, S, C]}`` plus ``"m": [B, fS, fS, bits]`` for PDMs.
     """
     _check_task(task, map_shape, known_x, known_m, mask_x, mask_m)
+    if image_prediction not in ("eps", "v", "x0"):
+        raise ValueError(
+            f"Unknown image_prediction {image_prediction!r}; choose 'eps', 'v' or 'x0'."
+        )
     batch = context.shape[0]
     net = guided(
         lambda x, m, t, c: apply_fn(params, x, m, t, c), context, empty_context, options.cfg_scale
@@ -142,9 +148,16 @@ def sample_pdm(
         m_t = state.get("m", clamped["m"]) if map_shape is not None else None
         t_model = jnp.broadcast_to(schedule.model_time(t), (batch,))
         out = net(x_t, m_t, t_model)
-        eps, map0 = out if map_shape is not None else (out, None)
+        img, map0 = out if map_shape is not None else (out, None)
         alpha, sigma = schedule.marginal_alpha(t), schedule.marginal_std(t)
-        preds = {"x": (x_t - _bcast(sigma, x_t) * eps) / _bcast(alpha, x_t), "m": map0}
+        alpha, sigma = _bcast(alpha, x_t), _bcast(sigma, x_t)
+        if image_prediction == "x0":
+            x0 = img
+        elif image_prediction == "v":
+            x0 = alpha * x_t - sigma * img
+        else:
+            x0 = (x_t - sigma * img) / alpha
+        preds = {"x": x0, "m": map0}
         return {k: preds[k] for k in state}
 
     known = {"x": (known_x, mask_x), "m": (known_m, mask_m)} if task == "inpaint" else {}

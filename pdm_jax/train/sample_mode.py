@@ -159,11 +159,12 @@ class Sampler:
         return Samples(latents, self.info.decode_latents(latents), ids, invalid)
 
 
-def clipped_denoiser(denoise, schedule, bound: float, has_map: bool):
+def clipped_denoiser(denoise, schedule, bound: float, has_map: bool, image_prediction: str = "eps"):
     """Wraps a denoiser so that its image data prediction lies in ``[-bound, bound]``.
 
-    ``x̂_0 = (x_t − σ_t ε̂)/α_t`` is clipped and turned back into
-    ``ε̂' = (x_t − α_t clip(x̂_0))/σ_t`` (DDPM's ``clip_denoised``): for bounded latents
+    ``x̂_0 = (x_t − σ_t ε̂)/α_t`` (or ``α_t x_t − σ_t v̂``) is clipped and turned back into
+    ``ε̂' = (x_t − α_t clip(x̂_0))/σ_t`` (or ``v̂' = (α_t x_t − clip(x̂_0))/σ_t``; DDPM's
+    ``clip_denoised``): for bounded latents
     such as the synthetic world's pixels, it keeps an imperfect model's early, noisy
     predictions (amplified by σ/α ≈ 15 at t = 1) from leaving the data range.
 
@@ -172,6 +173,7 @@ def clipped_denoiser(denoise, schedule, bound: float, has_map: bool):
       schedule: the sampling schedule (``t_model = t · N``).
       bound: the clip value.
       has_map: whether ``denoise`` returns a map prediction too.
+      image_prediction: the network's image output, ``"eps"`` or ``"v"``.
 
     Returns:
       A denoiser with the same signature and outputs.
@@ -179,12 +181,19 @@ def clipped_denoiser(denoise, schedule, bound: float, has_map: bool):
 
     def wrapped(params, x_t, m_t, t_model, context):
         out = denoise(params, x_t, m_t, t_model, context)
-        eps = out[0] if has_map else out
+        img = out[0] if has_map else out
         t = (t_model / schedule.num_timesteps).reshape(-1, *(1,) * (x_t.ndim - 1))
         alpha, sigma = schedule.marginal_alpha(t), schedule.marginal_std(t)
-        x0 = jnp.clip((x_t - sigma * eps) / alpha, -bound, bound)
-        eps = ((x_t - alpha * x0) / sigma).astype(eps.dtype)
-        return (eps, *out[1:]) if has_map else eps
+        if image_prediction == "x0":
+            img = jnp.clip(img, -bound, bound)
+        elif image_prediction == "v":
+            x0 = jnp.clip(alpha * x_t - sigma * img, -bound, bound)
+            img = (alpha * x_t - x0) / sigma
+        else:
+            x0 = jnp.clip((x_t - sigma * img) / alpha, -bound, bound)
+            img = (x_t - alpha * x0) / sigma
+        img = img.astype(out[0].dtype if has_map else out.dtype)
+        return (img, *out[1:]) if has_map else img
 
     return wrapped
 
@@ -199,7 +208,13 @@ def sampling_denoiser(c: ml_collections.ConfigDict):
     denoise = step_lib.make_denoise_fn(c.model)
     if c.sampler.get("clip_x0", 0.0) > 0:
         has_map = c.model.name != "uvit"
-        denoise = clipped_denoiser(denoise, schedule, float(c.sampler.clip_x0), has_map)
+        denoise = clipped_denoiser(
+            denoise,
+            schedule,
+            float(c.sampler.clip_x0),
+            has_map,
+            c.diffusion.get("image_prediction", "eps"),
+        )
     return denoise, schedule
 
 
@@ -227,6 +242,7 @@ def configured_sampler(
         map_shape=(map_side, map_side, m.num_bits) if m.name != "uvit" else None,
         options=options or SamplerOptions.from_config(c.sampler),
         map_noise_std=c.diffusion.map_noise_std,
+        image_prediction=c.diffusion.image_prediction,
         task=task,
     )
 

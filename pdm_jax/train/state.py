@@ -31,17 +31,35 @@ class TrainState:
     rng: jax.Array
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 over ``warmup_steps``, then constant (official recipe)."""
-    if optim.warmup_steps <= 0:
-        return optax.constant_schedule(optim.learning_rate)
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
-            optax.constant_schedule(optim.learning_rate),
-        ],
-        [optim.warmup_steps],
-    )
+LR_DECAYS = ("constant", "cosine")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 over ``optim.warmup_steps``, then ``optim.decay``.
+
+    ``constant`` is the official recipe. ``cosine`` anneals from the peak to
+    ``optim.final_lr_fraction`` × peak at ``train.num_train_steps``: short runs (the demo)
+    end much better when the last steps take small ones.
+
+    Args:
+      config: the full config (``optim``, and ``train.num_train_steps`` for ``cosine``).
+
+    Returns:
+      step → learning rate.
+    """
+    o = config.optim
+    decay = o.get("decay", "constant")
+    peak, warmup = float(o.learning_rate), max(int(o.warmup_steps), 0)
+    if decay == "constant":
+        after = optax.constant_schedule(peak)
+    elif decay == "cosine":
+        span = max(int(config.train.num_train_steps) - warmup, 1)
+        after = optax.cosine_decay_schedule(peak, span, alpha=float(o.final_lr_fraction))
+    else:
+        raise ValueError(f"Unknown optim.decay {decay!r}; choose one of {LR_DECAYS}.")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def trainable_labels(config: ml_collections.ConfigDict, params: Any) -> Any:
@@ -60,7 +78,10 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
         chain.append(optax.clip_by_global_norm(o.grad_clip_norm))
     chain.append(
         optax.adamw(
-            learning_rate=learning_rate_schedule(o), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay
+            learning_rate=learning_rate_schedule(config),
+            b1=o.b1,
+            b2=o.b2,
+            weight_decay=o.weight_decay,
         )
     )
     return optax.multi_transform(

@@ -93,6 +93,7 @@ def train_step(
             map_loss_weight=d.map_loss_weight,
             p_uncond=d.p_uncond,
             use_given_map=config.model.use_given_map,
+            image_prediction=d.image_prediction,
         )
         means = {k: jnp.mean(v) for k, v in terms.items()}
         return means["loss"], means
@@ -107,7 +108,7 @@ def train_step(
         grad_norm=optax.global_norm(grads),
         param_norm=optax.global_norm(params),
         update_norm=optax.global_norm(updates),
-        learning_rate=learning_rate_schedule(config.optim)(state.step),
+        learning_rate=learning_rate_schedule(config)(state.step),
     )
     new_state = state.replace(
         step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pdm_jax.diffusion import analog_bits, losses
 from pdm_jax.diffusion.schedules import discrete_sd_schedule
@@ -87,3 +88,36 @@ def test_image_only_model():
     )
     assert terms["image_loss"].shape == (8,)
     np.testing.assert_array_equal(terms["map_loss"], np.zeros(8))
+
+
+def test_image_targets_closed_form():
+    x0, m0 = _data(64)
+    noised = losses.noise_inputs(jax.random.key(3), x0, m0, SCHED)
+    a = np.sqrt(np.asarray(noised.abar))[:, None, None, None]
+    s = np.sqrt(1 - np.asarray(noised.abar))[:, None, None, None]
+    np.testing.assert_array_equal(losses.image_target(noised, x0, "eps"), noised.eps)
+    np.testing.assert_array_equal(losses.image_target(noised, x0, "x0"), x0)
+    v = np.asarray(losses.image_target(noised, x0, "v"))
+    np.testing.assert_allclose(v, a * np.asarray(noised.eps) - s * np.asarray(x0), atol=1e-6)
+    # v carries the same information: x_0 = √ᾱ x_n − √(1−ᾱ) v.
+    np.testing.assert_allclose(a * np.asarray(noised.x_n) - s * v, x0, atol=1e-5)
+    with pytest.raises(ValueError, match="image_prediction"):
+        losses.image_target(noised, x0, "score")
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_loss_terms_regress_the_chosen_image_target(prediction):
+    x0, m0 = _data(64)
+    ctx = jnp.zeros((64, 3, 2))
+
+    def zero_net(params, x, m, t, c):
+        return jnp.zeros_like(x), jnp.zeros_like(m)
+
+    terms = losses.pdm_loss_terms(
+        zero_net, None, jax.random.key(2), x0, m0, ctx, ctx[0], SCHED, image_prediction=prediction
+    )
+    noised = losses.noise_inputs(jax.random.split(jax.random.key(2))[0], x0, m0, SCHED)
+    target = np.asarray(losses.image_target(noised, x0, prediction))
+    np.testing.assert_allclose(
+        terms["image_loss"], np.mean(np.square(target), axis=(1, 2, 3)), rtol=1e-5
+    )

@@ -123,3 +123,31 @@ def test_bad_task_arguments_raise():
         run(task="inpaint")
     with pytest.raises(ValueError, match="mask_x"):
         run(task="inpaint", known_x=KNOWN_X)
+
+
+def _reparametrised(prediction):
+    """toy_net's image output re-expressed as v or x̂_0 (the same model, another head)."""
+
+    def net(params, x, m, t, c):
+        eps, map0 = toy_net(params, x, m, t, c)
+        tc = (t / SCHED.num_timesteps)[:, None, None, None]
+        alpha, sigma = SCHED.marginal_alpha(tc), SCHED.marginal_std(tc)
+        x0 = (x - sigma * eps) / alpha
+        return (x0 if prediction == "x0" else alpha * eps - sigma * x0), map0
+
+    return net
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("task", ["cogenerate", "given_map"])
+def test_image_predictions_of_one_model_give_one_sample(prediction, task):
+    kw = {"known_m": KNOWN_M} if task == "given_map" else {}
+    want = run(task=task, **kw)
+    got = run(_reparametrised(prediction), task=task, image_prediction=prediction, **kw)
+    np.testing.assert_allclose(got["x"], want["x"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["m"], want["m"], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_image_prediction_raises():
+    with pytest.raises(ValueError, match="image_prediction"):
+        run(image_prediction="score")

@@ -183,3 +183,23 @@ def test_remat_takes_effect_on_cpu():
         compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(params).compile()
         temps[policy] = compiled.memory_analysis().temp_size_in_bytes
     assert temps["full"] < 0.7 * temps["none"], temps
+
+
+def test_learning_rate_schedules():
+    c = _config()
+    c.optim.update(learning_rate=1e-3, warmup_steps=10)
+    c.train.num_train_steps = 110
+    constant = state_lib.learning_rate_schedule(c)
+    np.testing.assert_allclose(
+        [constant(s) for s in (0, 5, 10, 60, 110)], [0, 5e-4, 1e-3, 1e-3, 1e-3]
+    )
+    c.optim.update(decay="cosine", final_lr_fraction=0.1)
+    cosine = state_lib.learning_rate_schedule(c)
+    # Warm-up, then 1e-3 · (0.1 + 0.9 · (1 + cos(π · (s − 10) / 100)) / 2).
+    want = [
+        1e-3 * (0.1 + 0.9 * (1 + np.cos(np.pi * (s - 10) / 100)) / 2) for s in (10, 35, 60, 110)
+    ]
+    np.testing.assert_allclose([cosine(s) for s in (5, 10, 35, 60, 110)], [5e-4, *want], rtol=1e-6)
+    c.optim.decay = "linear"
+    with pytest.raises(ValueError, match=r"optim\.decay"):
+        state_lib.learning_rate_schedule(c)

@@ -1,0 +1,65 @@
+"""Host CPU device splitting (``sharding.cpu_devices``) and mesh construction."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from pdm_jax import sharding
+
+
+@pytest.mark.parametrize(
+    ("requested", "batch", "cores", "want"),
+    [
+        (0, 16, 2, 0),  # keep JAX's one device
+        (-1, 16, 2, 2),  # one per core
+        (-1, 16, 3, 2),  # reduced to a divisor of the batch
+        (-1, 12, 5, 4),
+        (-1, 7, 4, 1),
+        (4, 16, 2, 4),  # explicit counts are taken as given
+    ],
+)
+def test_host_cpu_devices(requested, batch, cores, want):
+    assert sharding.host_cpu_devices(requested, batch, cores=cores) == want
+
+
+@pytest.mark.parametrize(("requested", "match"), [(3, "divide the batch"), (-2, "use 0, -1")])
+def test_host_cpu_devices_rejects_bad_counts(requested, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.host_cpu_devices(requested, 16, cores=2)
+
+
+def test_cpu_devices_are_not_changed_once_backends_exist():
+    jax.devices()  # initialises the backends (8 fake devices, see conftest)
+    assert not sharding.use_cpu_devices(2)
+    assert jax.device_count() == 8
+
+
+_PROBE = """
+import os, jax
+from pdm_jax import sharding
+applied = sharding.use_cpu_devices(2)
+mesh = sharding.create_mesh()
+print(applied, jax.device_count(), mesh.shape["data"], os.environ.get("XLA_FLAGS", ""))
+"""
+
+
+def _probe(xla_flags: str) -> list[str]:
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.split(maxsplit=3)
+
+
+def test_a_fresh_process_gets_single_threaded_devices_on_the_data_axis():
+    applied, count, data, flags = _probe("")
+    assert (applied, count, data) == ("True", "2", "2")
+    assert "--xla_cpu_multi_thread_eigen=false" in flags
+
+
+def test_an_explicit_xla_device_count_wins():
+    applied, count, data, _ = _probe("--xla_force_host_platform_device_count=3")
+    assert (applied, count, data) == ("False", "3", "3")
