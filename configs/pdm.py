@@ -70,7 +70,7 @@ def _base_config() -> ml_collections.ConfigDict:
     d.map_loss_weight = 1.0
     d.p_uncond = 0.1
     d.map_pooling = "min"  # min | min_nonvoid | mode
-    d.image_prediction = "eps"  # eps (the paper, official checkpoints) | v
+    d.image_prediction = "eps"  # eps (the paper, official checkpoints) | v | x0
 
     c.sampler = s = ml_collections.ConfigDict()
     s.steps = 50

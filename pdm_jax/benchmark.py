@@ -184,9 +184,7 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
 def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
     """Runs the benchmark the flags describe and prints its JSON record."""
     del argv
-    config = defined["config"].value
-    requested = int(config.sharding.get("cpu_devices", 0))
-    sharding.use_cpu_devices(sharding.host_cpu_devices(requested, defined["batch_size"].value))
+    sharding.setup_cpu_devices(defined["config"].value, defined["batch_size"].value)
     record = run_benchmark(**{name: holder.value for name, holder in defined.items()})
     print(json.dumps(record))
 

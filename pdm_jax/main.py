@@ -99,15 +99,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     _apply_weight_flags(config)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    cpu_devices = sharding.host_cpu_devices(
-        int(config.sharding.get("cpu_devices", 0)), int(config.train.batch_size)
-    )
-    if cpu_devices and not sharding.use_cpu_devices(cpu_devices):
-        logging.warning(
-            "sharding.cpu_devices=%d not applied: JAX's backends were already initialised or "
-            "XLA_FLAGS sets --xla_force_host_platform_device_count.",
-            cpu_devices,
-        )
+    sharding.setup_cpu_devices(config, int(config.train.batch_size))
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info(

@@ -5,6 +5,7 @@ replicated for now (the logical-axis rules below map every parameter axis to ``N
 FSDP or tensor parallelism only change ``LOGICAL_AXIS_RULES`` and the mesh shape.
 """
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -156,3 +157,26 @@ def use_cpu_devices(count: int) -> bool:
         flags += " --xla_cpu_multi_thread_eigen=false"
     os.environ["XLA_FLAGS"] = flags.strip()
     return True
+
+
+def setup_cpu_devices(config: Any, batch_size: int) -> int:
+    """Applies ``config.sharding.cpu_devices`` for a program whose global batch is given.
+
+    Call it first thing in a program (before anything touches a JAX device). Logs a warning
+    when a split was asked for but could not be applied (see ``use_cpu_devices``).
+
+    Args:
+      config: the full config (``sharding.cpu_devices``).
+      batch_size: the global batch the data axis must divide.
+
+    Returns:
+      The device count asked for (0 or 1: no split).
+    """
+    count = host_cpu_devices(int(config.sharding.cpu_devices), batch_size)
+    if count > 1 and not use_cpu_devices(count):
+        logging.warning(
+            "sharding.cpu_devices=%d not applied: JAX's backends were already initialised or "
+            "XLA_FLAGS sets --xla_force_host_platform_device_count.",
+            count,
+        )
+    return count

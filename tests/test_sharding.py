@@ -7,6 +7,7 @@ import sys
 import jax
 import pytest
 
+from configs import pdm as pdm_configs
 from pdm_jax import sharding
 
 
@@ -31,9 +32,13 @@ def test_host_cpu_devices_rejects_bad_counts(requested, match):
         sharding.host_cpu_devices(requested, 16, cores=2)
 
 
-def test_cpu_devices_are_not_changed_once_backends_exist():
+def test_cpu_devices_are_not_changed_once_backends_exist(caplog):
     jax.devices()  # initialises the backends (8 fake devices, see conftest)
     assert not sharding.use_cpu_devices(2)
+    config = pdm_configs.get_config("demo")
+    config.sharding.cpu_devices = 2
+    assert sharding.setup_cpu_devices(config, 16) == 2
+    assert "sharding.cpu_devices=2 not applied" in caplog.text
     assert jax.device_count() == 8
 
 

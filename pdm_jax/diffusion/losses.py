@@ -105,12 +105,12 @@ IMAGE_PREDICTIONS = ("eps", "v", "x0")
 
 
 def image_target(noised: NoisedBatch, x_0: Array, image_prediction: str = "eps") -> Array:
-    """The image head's regression target: ε, or v = √ᾱ ε − √(1−ᾱ) x_0.
+    """The image head's regression target: ε, x_0, or v = √ᾱ ε − √(1−ᾱ) x_0.
 
     Args:
       noised: the noised batch (its ε and ᾱ).
       x_0: ``[B, S, S, C]`` clean latents.
-      image_prediction: ``"eps"`` (the paper) or ``"v"``.
+      image_prediction: ``"eps"`` (the paper), ``"v"`` or ``"x0"``.
 
     Returns:
       ``[B, S, S, C]`` targets.
@@ -158,7 +158,8 @@ def pdm_loss_terms(
       map_noise_std, map_loss_weight, p_uncond: DESIGN §2 hyperparameters.
       use_given_map: the paper's "PDM given maps": the clean map is the map input and only
         the image loss is used.
-      image_prediction: what the image head predicts, ``"eps"`` (the paper) or ``"v"``.
+      image_prediction: what the image head predicts: ``"eps"`` (the paper), ``"v"`` or
+        ``"x0"``.
 
     Returns:
       Dict of ``[B]`` arrays: ``loss``, ``image_loss``, ``map_loss`` (zeros without a map).

@@ -10,8 +10,9 @@ One function serves every task of a co-generation model (DESIGN §4):
   M (``mask == 1``) is re-imposed, noised to the current t with the initial noise, and
   pasted exactly at the end.
 
-The network's image output is ε̂, turned into the data prediction
-``x̂_0 = (x_t − σ_t ε̂)/α_t``; its map output is M̂_0 already. The model's time input is
+The network's image output is ε̂ (or v̂ or x̂_0, ``image_prediction``), turned into the data
+prediction ``x̂_0 = (x_t − σ_t ε̂)/α_t`` (``α_t x_t − σ_t v̂``); its map output is M̂_0
+already. The model's time input is
 ``t · N`` (continuous t, N discrete steps), as in the official sampler.
 """
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from pdm_jax.diffusion import dpm_solver
 from pdm_jax.diffusion.guidance import guided
+from pdm_jax.diffusion.losses import IMAGE_PREDICTIONS
 from pdm_jax.diffusion.schedules import VPSchedule
 
 Array = jax.Array
@@ -58,6 +60,38 @@ class SamplerOptions:
 
 def _bcast(v: Array, like: Array) -> Array:
     return jnp.reshape(v, jnp.shape(v) + (1,) * (like.ndim - jnp.ndim(v)))
+
+
+def to_data_prediction(
+    out: Array, x_t: Array, alpha: Array, sigma: Array, image_prediction: str
+) -> Array:
+    """The image head's output (ε̂, v̂ or x̂_0) as the data prediction x̂_0.
+
+    Args:
+      out: the network's image output.
+      x_t: the noisy latents it was given.
+      alpha, sigma: α_t and σ_t, broadcastable to ``x_t``.
+      image_prediction: ``"eps"``, ``"v"`` or ``"x0"``.
+
+    Returns:
+      x̂_0, shaped like ``x_t``.
+    """
+    if image_prediction == "x0":
+        return out
+    if image_prediction == "v":
+        return alpha * x_t - sigma * out
+    return (x_t - sigma * out) / alpha
+
+
+def from_data_prediction(
+    x0: Array, x_t: Array, alpha: Array, sigma: Array, image_prediction: str
+) -> Array:
+    """The inverse of ``to_data_prediction``: the head output that implies x̂_0 = ``x0``."""
+    if image_prediction == "x0":
+        return x0
+    if image_prediction == "v":
+        return (alpha * x_t - x0) / sigma
+    return (x_t - alpha * x0) / sigma
 
 
 def _check_task(task, map_shape, known_x, known_m, mask_x, mask_m) -> None:
@@ -118,15 +152,15 @@ def sample_pdm(
       task: one of ``TASKS``.
       known_x, known_m: clean latents ``[B, S, S, C]`` / analog-bit maps ``[B, fS, fS, bits]``.
       mask_x, mask_m: inpainting masks broadcastable to the known arrays, 1 = known.
-      image_prediction: what the network's image output is, ``"eps"`` or ``"v"``.
+      image_prediction: what the network's image output is: ``"eps"``, ``"v"`` or ``"x0"``.
 
     Returns:
       ``{"x": [B, S, S, C]}`` plus ``"m": [B, fS, fS, bits]`` for PDMs.
     """
     _check_task(task, map_shape, known_x, known_m, mask_x, mask_m)
-    if image_prediction not in ("eps", "v", "x0"):
+    if image_prediction not in IMAGE_PREDICTIONS:
         raise ValueError(
-            f"Unknown image_prediction {image_prediction!r}; choose 'eps', 'v' or 'x0'."
+            f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
         )
     batch = context.shape[0]
     net = guided(
@@ -150,13 +184,7 @@ def sample_pdm(
         out = net(x_t, m_t, t_model)
         img, map0 = out if map_shape is not None else (out, None)
         alpha, sigma = schedule.marginal_alpha(t), schedule.marginal_std(t)
-        alpha, sigma = _bcast(alpha, x_t), _bcast(sigma, x_t)
-        if image_prediction == "x0":
-            x0 = img
-        elif image_prediction == "v":
-            x0 = alpha * x_t - sigma * img
-        else:
-            x0 = (x_t - sigma * img) / alpha
+        x0 = to_data_prediction(img, x_t, _bcast(alpha, x_t), _bcast(sigma, x_t), image_prediction)
         preds = {"x": x0, "m": map0}
         return {k: preds[k] for k in state}
 

@@ -34,7 +34,13 @@ from PIL import Image
 from pdm_jax import models, visualize
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits, maps
-from pdm_jax.diffusion.sampling import TASKS, SamplerOptions, sample_pdm
+from pdm_jax.diffusion.sampling import (
+    TASKS,
+    SamplerOptions,
+    from_data_prediction,
+    sample_pdm,
+    to_data_prediction,
+)
 from pdm_jax.train import checkpoint
 from pdm_jax.train import step as step_lib
 
@@ -173,7 +179,7 @@ def clipped_denoiser(denoise, schedule, bound: float, has_map: bool, image_predi
       schedule: the sampling schedule (``t_model = t · N``).
       bound: the clip value.
       has_map: whether ``denoise`` returns a map prediction too.
-      image_prediction: the network's image output, ``"eps"`` or ``"v"``.
+      image_prediction: the network's image output: ``"eps"``, ``"v"`` or ``"x0"``.
 
     Returns:
       A denoiser with the same signature and outputs.
@@ -184,16 +190,10 @@ def clipped_denoiser(denoise, schedule, bound: float, has_map: bool, image_predi
         img = out[0] if has_map else out
         t = (t_model / schedule.num_timesteps).reshape(-1, *(1,) * (x_t.ndim - 1))
         alpha, sigma = schedule.marginal_alpha(t), schedule.marginal_std(t)
-        if image_prediction == "x0":
-            img = jnp.clip(img, -bound, bound)
-        elif image_prediction == "v":
-            x0 = jnp.clip(alpha * x_t - sigma * img, -bound, bound)
-            img = (alpha * x_t - x0) / sigma
-        else:
-            x0 = jnp.clip((x_t - sigma * img) / alpha, -bound, bound)
-            img = (x_t - alpha * x0) / sigma
-        img = img.astype(out[0].dtype if has_map else out.dtype)
-        return (img, *out[1:]) if has_map else img
+        x0 = to_data_prediction(img, x_t, alpha, sigma, image_prediction)
+        x0 = jnp.clip(x0, -bound, bound)
+        clipped = from_data_prediction(x0, x_t, alpha, sigma, image_prediction).astype(img.dtype)
+        return (clipped, *out[1:]) if has_map else clipped
 
     return wrapped
 
@@ -213,7 +213,7 @@ def sampling_denoiser(c: ml_collections.ConfigDict):
             schedule,
             float(c.sampler.clip_x0),
             has_map,
-            c.diffusion.get("image_prediction", "eps"),
+            c.diffusion.image_prediction,
         )
     return denoise, schedule
 

@@ -38,8 +38,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up from 0 over ``optim.warmup_steps``, then ``optim.decay``.
 
     ``constant`` is the official recipe. ``cosine`` anneals from the peak to
-    ``optim.final_lr_fraction`` × peak at ``train.num_train_steps``: short runs (the demo)
-    end much better when the last steps take small ones.
+    ``optim.final_lr_fraction`` × peak at ``train.num_train_steps``.
 
     Args:
       config: the full config (``optim``, and ``train.num_train_steps`` for ``cosine``).
