@@ -37,7 +37,8 @@ PyTree = Any
 DataPredFn = Callable[[PyTree, jax.Array], PyTree]
 StepCallback = Callable[[PyTree, jax.Array], PyTree]
 
-METHODS = ("multistep", "singlestep", "singlestep_fixed", "fast")
+METHODS = ("multistep", "singlestep", "singlestep_fixed", "fast", "sde_multistep")
+STOCHASTIC_METHODS = ("sde_multistep",)
 _OPTIONS = ("steps", "order", "method", "skip_type", "lower_order_final", "t_T", "t_0")
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 
@@ -49,6 +50,7 @@ class _Table(NamedTuple):
     t_next: Any  # [NFE] time of the point formed after the call
     coef: Any  # [NFE, 4] (anchor, buffer slot 0 = oldest, slot 1, slot 2 = newest)
     is_end: np.ndarray  # [NFE] bool, static: the formed point ends an outer step
+    noise: Any = None  # [NFE] std of the fresh noise added to the formed point (SDE only)
 
 
 def time_steps(
@@ -93,6 +95,8 @@ def _validate(method: str, order: int, skip_type: str, steps: int, t_T: float, t
         raise ValueError(f"unknown skip_type {skip_type!r}; use one of {SKIP_TYPES}.")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}.")
+    if method in STOCHASTIC_METHODS and order > 2:
+        raise ValueError(f"method {method!r} has orders 1 and 2, got {order!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < order:
         raise ValueError(
             f"steps (the number of model evaluations) must be an int ≥ order = {order} for "
@@ -147,6 +151,39 @@ def _multistep_table(
     third = xnp.stack([ratio, -b / r1, b / r1 - a / r0, -alpha_t * phi_1 + a / r0], -1)
     coef = xnp.stack([first, second, third])[orders - 1, i]  # [steps, 4]
     return _Table(grid[:-1], grid[1:], coef, np.ones(steps, bool))
+
+
+def _sde_multistep_table(
+    schedule: VPSchedule, grid: jax.Array, order: int, steps: int, lower_order_final: bool
+) -> _Table:
+    """Coefficients of SDE-DPM-Solver++ (1 or 2M), the stochastic multistep solver.
+
+    It discretises the reverse SDE in the data prediction (Lu et al. 2022, DPM-Solver++
+    §5; the midpoint second-order rule). With h = λ_t − λ_s, one step is
+
+        x_t = (σ_t/σ_s)·e^{−h}·x_s + α_t(1 − e^{−2h})·(D + ½·(D − D_prev)/r) + σ_t√(1 − e^{−2h})·z
+
+    with r = h_prev/h (first order: no D_prev term, which is DDPM's ancestral step). The
+    last step adds no noise, so the result is the sample itself.
+    """
+    i = np.arange(steps)
+    orders = np.minimum(i + 1, order)
+    if lower_order_final and steps < 10:
+        orders = np.minimum(orders, steps - i)
+    xnp = schedule.xnp
+    alpha, sigma, lam = schedule.marginal_coeffs(grid)
+    h = lam[i + 1] - lam[i]
+    r0 = xnp.where(i >= 1, (lam[i] - lam[np.maximum(i - 1, 0)]) / h, 1.0)
+    keep = -xnp.expm1(-2.0 * h)  # 1 − e^{−2h}
+    zero = xnp.zeros_like(h)
+    ratio = sigma[i + 1] / sigma[i] * xnp.exp(-h)
+    d = alpha[i + 1] * keep
+    first = xnp.stack([ratio, zero, zero, d], -1)
+    c = 0.5 * d / r0
+    second = xnp.stack([ratio, zero, -c, d + c], -1)
+    coef = xnp.stack([first, second])[orders - 1, i]
+    noise = sigma[i + 1] * xnp.sqrt(keep) * (i < steps - 1)
+    return _Table(grid[:-1], grid[1:], coef, np.ones(steps, bool), noise)
 
 
 def _singlestep_outer(
@@ -233,8 +270,10 @@ def sample(
     t_T: float = 1.0,
     t_0: float | None = None,
     step_callback: StepCallback | None = None,
+    rng: jax.Array | None = None,
+    noise_scale: PyTree | None = None,
 ) -> PyTree:
-    """Solves the probability-flow ODE from t_T to t_0 with DPM-Solver++.
+    """Solves the probability-flow ODE (or the reverse SDE) from t_T to t_0 with DPM-Solver++.
 
     Args:
       data_pred_fn: `(x, t) -> x̂_0`, the data (x_0) prediction for state `x` (a pytree of
@@ -247,7 +286,9 @@ def sample(
       order: solver order, 1, 2 or 3 (≤ steps).
       method: `multistep`, `singlestep` (mixed orders using all evaluations, the current
         DPM-Solver reference), `singlestep_fixed`, or `fast` (U-ViT/PDM's default; U-ViT
-        has no order 1, here it is DDIM on the grid).
+        has no order 1, here it is DDIM on the grid); or the stochastic `sde_multistep`
+        (SDE-DPM-Solver++, orders 1 and 2; order 1 is DDPM's ancestral sampler), which
+        needs `rng`. Fresh noise corrects a weak model's errors, where the ODE carries them.
       skip_type: time grid, `time_uniform`, `logSNR` or `time_quadratic`.
       lower_order_final: multistep only, and (as in the reference) only when steps < 10:
         lower the order of the last steps.
@@ -255,6 +296,10 @@ def sample(
       t_0: end time; None means 1/N (the first knot).
       step_callback: `(x, t) -> x` applied to the state after every outer step, at the time
         t it reached (e.g. inpainting: re-impose the known region noised to t).
+      rng: PRNG key of the stochastic methods' fresh noise.
+      noise_scale: the stochastic methods' noise std per leaf (a pytree of floats shaped
+        like `x_T`, or None for 1 everywhere), e.g. `{"x": 1.0, "m": 2.0}` for a map whose
+        forward noise has std 2.
 
     Returns:
       The state at t_0, same structure and dtypes as `x_T`.
@@ -267,9 +312,13 @@ def sample(
         table_schedule = schedule.on_host()
     except jax.errors.TracerArrayConversionError:
         table_schedule = schedule  # traced (a jit argument): build them in the program
-    if method == "multistep":
+    stochastic = method in STOCHASTIC_METHODS
+    if stochastic and rng is None:
+        raise ValueError(f"method {method!r} is stochastic: pass rng.")
+    if method in ("multistep", "sde_multistep"):
         grid = time_steps(table_schedule, skip_type, t_T, t_0, steps)  # [steps + 1]
-        table = _multistep_table(table_schedule, grid, order, steps, lower_order_final)
+        make_table = _sde_multistep_table if stochastic else _multistep_table
+        table = make_table(table_schedule, grid, order, steps, lower_order_final)
     else:
         orders = _singlestep_orders(method, order, steps)
         outer = _singlestep_outer(table_schedule, method, skip_type, orders, t_T, t_0)
@@ -279,9 +328,21 @@ def sample(
     def cast_like(tree: PyTree, like: PyTree) -> PyTree:
         return jax.tree.map(lambda v, ref: jnp.asarray(v, ref.dtype), tree, like)
 
+    leaves, treedef = jax.tree.flatten(x_T)
+    scales = [1.0] * len(leaves) if noise_scale is None else treedef.flatten_up_to(noise_scale)
+
+    def fresh_noise(index: jax.Array, std: jax.Array) -> PyTree:
+        keys = jax.random.split(jax.random.fold_in(rng, index), len(leaves))
+        return treedef.unflatten(
+            [
+                (std * scale * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+                for k, leaf, scale in zip(keys, leaves, scales, strict=True)
+            ]
+        )
+
     def body(carry, xs):
         anchor, x, buf = carry
-        t_eval, t_next, coef, is_end = xs
+        t_eval, t_next, coef, is_end, index, noise_std = xs
         buf = (buf[1], buf[2], cast_like(data_pred_fn(x, t_eval), x))
         x = jax.tree.map(
             lambda a, b0, b1, b2: (
@@ -293,6 +354,8 @@ def sample(
             anchor,
             *buf,
         )
+        if stochastic:
+            x = jax.tree.map(jnp.add, x, fresh_noise(index, noise_std))
         if step_callback is not None:
             corrected = lambda y: cast_like(step_callback(y, t_next), y)
             x = corrected(x) if every_end else jax.lax.cond(is_end, corrected, lambda y: y, x)
@@ -304,7 +367,16 @@ def sample(
 
     zeros = jax.tree.map(jnp.zeros_like, x_T)
     as_times = lambda a: jnp.asarray(a, schedule.dtype)
-    xs = (as_times(table.t_eval), as_times(table.t_next), as_times(table.coef), table.is_end)
+    nfe = len(table.is_end)
+    noise = table.noise if stochastic else np.zeros(nfe)
+    xs = (
+        as_times(table.t_eval),
+        as_times(table.t_next),
+        as_times(table.coef),
+        table.is_end,
+        jnp.arange(nfe),
+        as_times(noise),
+    )
     (_, x_0, _), _ = jax.lax.scan(body, (x_T, x_T, (zeros, zeros, zeros)), xs)
     return x_0
 
@@ -326,7 +398,8 @@ def make_sampler(
       **options: `steps`, `order`, `method`, `skip_type`, `lower_order_final`, `t_T`, `t_0`.
 
     Returns:
-      The jitted sampler; it compiles once per input shapes/dtypes.
+      The jitted sampler; it compiles once per input shapes/dtypes. Stochastic methods take
+      their key as `sampler(x_T, *args, rng=key)`.
     """
     unknown = set(options) - set(_OPTIONS)
     if unknown:
@@ -340,12 +413,17 @@ def make_sampler(
     )
 
     @jax.jit
-    def sampler(x_T: PyTree, *args: Any) -> PyTree:
+    def sampler(x_T: PyTree, *args: Any, rng: jax.Array | None = None) -> PyTree:
         callback = None
         if step_callback is not None:
             callback = lambda x, t: step_callback(x, t, *args)
         return sample(
-            lambda x, t: data_pred_fn(x, t, *args), x_T, schedule, step_callback=callback, **opts
+            lambda x, t: data_pred_fn(x, t, *args),
+            x_T,
+            schedule,
+            step_callback=callback,
+            rng=rng,
+            **opts,
         )
 
     return sampler

@@ -214,6 +214,8 @@ def sample_pdm(
         skip_type=options.skip_type,
         lower_order_final=options.lower_order_final,
         step_callback=callback,
+        rng=jax.random.fold_in(rng, 2),
+        noise_scale={k: map_noise_std if k == "m" else 1.0 for k in state},
     )
     for k, (value, mask) in known.items():
         result[k] = jnp.where(mask > 0, value, result[k])

@@ -152,6 +152,8 @@ def test_step_callback_clamps_a_leaf_and_sees_outer_times(method):
             return {"x": x["x"], "m": exact_map(t)}
 
         kwargs = dict(steps=7, order=3, method=method, skip_type="time_uniform")
+        if method in dpm_solver.STOCHASTIC_METHODS:
+            kwargs.update(order=2, rng=jax.random.key(3))
         pred = functools.partial(_gaussian_pred, sch)
         out = jax.jit(lambda x: dpm_solver.sample(pred, x, sch, step_callback=clamp_map, **kwargs))(
             x_T
@@ -170,8 +172,87 @@ def test_step_callback_clamps_a_leaf_and_sees_outer_times(method):
             "singlestep": grid[[3, 6, 7]],  # orders [3, 3, 1]
             "singlestep_fixed": np.linspace(1.0, T_0, 3)[1:],  # orders [3, 3]
             "fast": grid[[3, 6, 7]],
+            "sde_multistep": grid[1:],
         }[method]
         np.testing.assert_allclose(sorted(seen, reverse=True), outer, rtol=1e-6)
+
+
+def test_sde_first_order_step_is_the_ddpm_posterior():
+    # q(x_t | x_s, x_0) = N(α_{s|t} σ_t²/σ_s² · x_s + α_t σ_{s|t}²/σ_s² · x_0, σ_{s|t}² σ_t²/σ_s²)
+    # with α_{s|t} = α_s/α_t and σ_{s|t}² = σ_s² − α_{s|t}² σ_t² (Ho et al. 2020, eq. 7).
+    with jax.enable_x64(True):
+        sch = schedules.discrete_sd_schedule().on_host()
+        grid = np.array([0.9, 0.6, 0.3, 0.1])
+        table = dpm_solver._sde_multistep_table(sch, grid, 1, 3, False)
+        alpha, sigma = np.asarray(sch.marginal_alpha(grid)), np.asarray(sch.marginal_std(grid))
+        a_s, s_s, a_t, s_t = alpha[:-1], sigma[:-1], alpha[1:], sigma[1:]
+        a_st = a_s / a_t
+        v_st = s_s**2 - a_st**2 * s_t**2
+        np.testing.assert_allclose(table.coef[:, 0], a_st * s_t**2 / s_s**2, rtol=1e-10)
+        np.testing.assert_allclose(table.coef[:, 3], a_t * v_st / s_s**2, rtol=1e-10)
+        np.testing.assert_allclose(table.coef[:, 1:3], 0.0)
+        std = np.sqrt(v_st * s_t**2 / s_s**2)
+        np.testing.assert_allclose(table.noise[:-1], std[:-1], rtol=1e-10)
+        assert table.noise[-1] == 0.0  # the last step returns the sample, not a noised one
+
+
+@pytest.mark.parametrize(("order", "coarse_steps", "fine_steps"), [(1, 20, 500), (2, 10, 100)])
+def test_sde_sampler_draws_from_the_data_distribution(order, coarse_steps, fine_steps):
+    # With the exact data prediction, the reverse SDE from the t = 1 marginal ends at the
+    # data distribution N(μ, s²): per-leaf noise scales (the map leaf's 2) included.
+    with jax.enable_x64(True):
+        sch = schedules.discrete_sd_schedule()
+        n = 20_000
+        alpha, sigma = sch.marginal_alpha(1.0), sch.marginal_std(1.0)
+        keys = jax.random.split(jax.random.key(0), 2)
+        x_T = {
+            k: alpha * MU[k]
+            + jnp.sqrt(STD[k] ** 2 * alpha**2 + NOISE[k] ** 2 * sigma**2)
+            * jax.random.normal(key, (n,), jnp.float64)
+            for k, key in zip(("x", "m"), keys, strict=True)
+        }
+
+        def moments_error(steps):
+            out = _solve_gaussian(
+                sch,
+                x_T,
+                steps=steps,
+                order=order,
+                method="sde_multistep",
+                skip_type="logSNR",
+                rng=jax.random.key(1),
+                noise_scale=NOISE,
+            )
+            return max(
+                max(abs(float(out[k].mean()) - MU[k]), abs(float(out[k].std()) / STD[k] - 1))
+                for k in out
+            )
+
+        coarse, fine = moments_error(coarse_steps), moments_error(fine_steps)
+        assert fine < 0.02, fine  # sampling error of 20,000 draws is ~0.006
+        assert coarse > fine
+        # Without the map's noise scale the map leaf's spread comes out wrong.
+        wrong = _solve_gaussian(
+            sch,
+            x_T,
+            steps=fine_steps,
+            order=order,
+            method="sde_multistep",
+            skip_type="logSNR",
+            rng=jax.random.key(1),
+        )
+        assert abs(float(wrong["m"].std()) / STD["m"] - 1) > 0.1
+
+
+def test_sde_needs_a_key_and_is_reproducible():
+    sch = schedules.discrete_sd_schedule()
+    pred = functools.partial(_gaussian_pred, sch)
+    with pytest.raises(ValueError, match="pass rng"):
+        dpm_solver.sample(pred, _x_T(), sch, steps=5, order=2, method="sde_multistep")
+    sampler = dpm_solver.make_sampler(pred, sch, steps=5, order=2, method="sde_multistep")
+    a = sampler(_x_T(), rng=jax.random.key(0))
+    chex.assert_trees_all_close(a, sampler(_x_T(), rng=jax.random.key(0)))
+    assert not np.allclose(a["x"], sampler(_x_T(), rng=jax.random.key(1))["x"])
 
 
 def test_time_steps_skip_types():
@@ -208,6 +289,7 @@ def test_float32_state_stays_float32_and_close_to_float64():
         ({"skip_type": "karras"}, "unknown skip_type"),
         ({"order": 0}, "order must be 1, 2 or 3"),
         ({"order": 4}, "order must be 1, 2 or 3"),
+        ({"method": "sde_multistep", "order": 3}, "orders 1 and 2"),
         ({"method": "fast", "order": 3, "steps": 2}, "steps"),
         ({"method": "multistep", "order": 2, "steps": 1}, "steps"),
         ({"t_T": 0.5, "t_0": 0.5}, "distinct times"),
