@@ -71,11 +71,18 @@ def _base_config() -> ml_collections.ConfigDict:
     d.p_uncond = 0.1
     d.map_pooling = "min"  # min | min_nonvoid | mode
     d.image_prediction = "eps"  # eps (the paper, official checkpoints) | v | x0
+    # Shares of examples trained as the given-map / given-image task (clean input, the other
+    # stream's loss only); the paper trains joint examples only (0, 0).
+    d.given_map_prob = 0.0
+    d.given_image_prob = 0.0
+    d.min_snr_gamma = 0.0  # > 0: min-SNR-γ weighting of the image loss (0: the paper's plain mean)
 
     c.sampler = s = ml_collections.ConfigDict()
     s.steps = 50
     s.order = 3
-    s.method = "fast"  # fast | multistep | singlestep | singlestep_fixed
+    # fast | multistep | singlestep | singlestep_fixed: DPM-Solver++ on the probability-flow
+    # ODE; sde_multistep (orders 1–2): SDE-DPM-Solver++, stochastic (order 1 = DDPM ancestral)
+    s.method = "fast"
     s.skip_type = "time_uniform"  # time_uniform | logSNR | time_quadratic
     s.cfg_scale = 1.0
     s.task = "cogenerate"  # cogenerate | given_map | given_image | inpaint

@@ -13,7 +13,15 @@ training); the map input is never dropped.
 Option (not in the paper; its checkpoints use ε): ``image_prediction`` ``"x0"`` regresses
 the clean latent, as the map head does, and ``"v"`` regresses ``v = √ᾱ_n ε − √(1−ᾱ_n) x_0``
 (Salimans & Ho 2022). Per unit of x_0 error, the ε loss weighs a step by its SNR, v by
-SNR + 1 and x_0 by 1, so the latter two put more weight on the noisy steps.
+SNR + 1 and x_0 by 1, so the latter two put more weight on the noisy steps. ``min_snr_gamma``
+caps that weight at γ in any parametrisation (min-SNR-γ, Hang et al. 2023).
+
+Option (not in the paper): ``given_map_prob`` / ``given_image_prob`` train one model for
+the conditional tasks too. That share of the examples feeds the clean map (or the clean
+image) instead of its noised copy and keeps only the other stream's loss; the time input
+stays n, the noise level of the stream being denoised. These are the inputs the sampler's
+``given_map`` and ``given_image`` tasks give the network, and they make it learn to read one
+stream from the other.
 """
 
 from collections.abc import Callable
@@ -128,6 +136,32 @@ def image_target(noised: NoisedBatch, x_0: Array, image_prediction: str = "eps")
     )
 
 
+def snr_loss_weight(abar: Array, gamma: float, image_prediction: str = "eps") -> Array:
+    """Min-SNR-γ loss weight (Hang et al. 2023) of the image loss at ᾱ_n.
+
+    Per unit of x_0 error the ε loss weighs a step by its SNR = ᾱ/(1−ᾱ); min-SNR-γ caps that
+    at γ, so the nearly clean steps, whose target is mostly the data's own fine noise, stop
+    dominating. As a factor on the chosen target's loss: ``min(SNR, γ)/SNR`` for ε,
+    ``min(SNR, γ)/(SNR + 1)`` for v, ``min(SNR, γ)`` for x_0.
+
+    Args:
+      abar: ``[B]`` ᾱ_n.
+      gamma: the cap γ (the paper's default is 5).
+      image_prediction: ``"eps"``, ``"v"`` or ``"x0"``.
+
+    Returns:
+      ``[B]`` weights.
+    """
+    snr = abar / (1.0 - abar)
+    capped = jnp.minimum(snr, gamma)
+    per_target = {"eps": snr, "v": snr + 1.0, "x0": jnp.ones_like(snr)}
+    if image_prediction not in per_target:
+        raise ValueError(
+            f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
+        )
+    return capped / per_target[image_prediction]
+
+
 def pdm_loss_terms(
     denoise_fn: DenoiseFn,
     params: Any,
@@ -143,6 +177,9 @@ def pdm_loss_terms(
     p_uncond: float = 0.1,
     use_given_map: bool = False,
     image_prediction: str = "eps",
+    given_map_prob: float = 0.0,
+    given_image_prob: float = 0.0,
+    min_snr_gamma: float = 0.0,
 ) -> dict[str, Array]:
     """Per-example terms of the joint loss.
 
@@ -160,6 +197,10 @@ def pdm_loss_terms(
         the image loss is used.
       image_prediction: what the image head predicts: ``"eps"`` (the paper), ``"v"`` or
         ``"x0"``.
+      given_map_prob, given_image_prob: shares of the examples trained as the given-map
+        task (clean map input, image loss only) and the given-image task (clean image input,
+        map loss only); the rest are joint. Their losses count as 0 in the other term.
+      min_snr_gamma: > 0 weighs each example's image loss by ``snr_loss_weight``.
 
     Returns:
       Dict of ``[B]`` arrays: ``loss``, ``image_loss``, ``map_loss`` (zeros without a map).
@@ -178,9 +219,21 @@ def pdm_loss_terms(
         image_loss = _per_example_mse(target, img_hat)
         map_loss = jnp.zeros_like(image_loss)
     else:
-        img_hat, m0_hat = denoise_fn(params, noised.x_n, noised.m_n, t_in, ctx)
-        image_loss = _per_example_mse(target, img_hat)
-        map_loss = _per_example_mse(m_0, m0_hat)
+        x_in, m_in = noised.x_n, noised.m_n
+        image_weight = map_weight = jnp.ones(x_0.shape[:1], jnp.float32)
+        if given_map_prob > 0 or given_image_prob > 0:
+            u = jax.random.uniform(jax.random.fold_in(rng, 2), x_0.shape[:1])
+            given_map = u < given_map_prob
+            given_image = (u >= given_map_prob) & (u < given_map_prob + given_image_prob)
+            m_in = jnp.where(_bcast(given_map, m_0), m_0.astype(m_in.dtype), m_in)
+            x_in = jnp.where(_bcast(given_image, x_0), x_0, x_in)
+            image_weight = jnp.where(given_image, 0.0, 1.0)
+            map_weight = jnp.where(given_map, 0.0, 1.0)
+        img_hat, m0_hat = denoise_fn(params, x_in, m_in, t_in, ctx)
+        image_loss = image_weight * _per_example_mse(target, img_hat)
+        map_loss = map_weight * _per_example_mse(m_0, m0_hat)
+    if min_snr_gamma > 0:
+        image_loss = image_loss * snr_loss_weight(noised.abar, min_snr_gamma, image_prediction)
     return {
         "loss": image_loss + map_loss_weight * map_loss,
         "image_loss": image_loss,

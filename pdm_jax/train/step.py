@@ -94,6 +94,9 @@ def train_step(
             p_uncond=d.p_uncond,
             use_given_map=config.model.use_given_map,
             image_prediction=d.image_prediction,
+            given_map_prob=d.given_map_prob,
+            given_image_prob=d.given_image_prob,
+            min_snr_gamma=d.min_snr_gamma,
         )
         means = {k: jnp.mean(v) for k, v in terms.items()}
         return means["loss"], means

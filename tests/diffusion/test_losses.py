@@ -121,3 +121,62 @@ def test_loss_terms_regress_the_chosen_image_target(prediction):
     np.testing.assert_allclose(
         terms["image_loss"], np.mean(np.square(target), axis=(1, 2, 3)), rtol=1e-5
     )
+
+
+def test_mixed_tasks_feed_clean_inputs_and_drop_their_losses():
+    # given_map_prob / given_image_prob: per example, the map (or the image) is fed clean
+    # and only the other stream's loss counts; the rest are joint examples as in the paper.
+    batch = 4000
+    x0, m0 = _data(batch)
+    ctx = jnp.zeros((batch, 3, 2))
+    seen = {}
+
+    def zero_net(params, x, m, t, c):
+        seen.update(x=np.asarray(x), m=np.asarray(m))
+        return jnp.zeros_like(x), jnp.zeros_like(m)
+
+    key = jax.random.key(5)
+    terms = losses.pdm_loss_terms(
+        zero_net, None, key, x0, m0, ctx, ctx[0], SCHED, given_map_prob=0.2, given_image_prob=0.3
+    )
+    clean_m = (seen["m"] == np.asarray(m0)).all(axis=(1, 2, 3))
+    clean_x = (seen["x"] == np.asarray(x0)).all(axis=(1, 2, 3))
+    assert not (clean_m & clean_x).any()
+    assert abs(clean_m.mean() - 0.2) < 0.03 and abs(clean_x.mean() - 0.3) < 0.03
+    image_loss, map_loss = np.asarray(terms["image_loss"]), np.asarray(terms["map_loss"])
+    np.testing.assert_array_equal(image_loss[clean_x], 0.0)
+    np.testing.assert_array_equal(map_loss[clean_m], 0.0)
+    joint = ~clean_m & ~clean_x
+    assert (image_loss[joint] > 0).all() and (image_loss[clean_m] > 0).all()
+    np.testing.assert_allclose(map_loss[joint | clean_x], 1.0, rtol=1e-6)  # zero net, ±1 bits
+    # The joint examples are noised exactly as without the option.
+    plain = losses.noise_inputs(jax.random.split(key)[0], x0, m0, SCHED)
+    np.testing.assert_array_equal(seen["x"][joint], np.asarray(plain.x_n)[joint])
+    np.testing.assert_array_equal(seen["m"][joint], np.asarray(plain.m_n)[joint])
+
+
+@pytest.mark.parametrize("prediction", losses.IMAGE_PREDICTIONS)
+def test_min_snr_weight_caps_the_x0_weight_at_gamma(prediction):
+    # In units of x_0 error, ε-loss weighs a step by SNR, v by SNR + 1, x_0 by 1; times the
+    # min-SNR factor, every parametrisation weighs it by min(SNR, γ).
+    abar = jnp.asarray(np.asarray(SCHED.alphas_cumprod)[[0, 100, 300, 600, 999]])
+    snr = np.asarray(abar / (1 - abar), np.float64)
+    x0_weight = {"eps": snr, "v": snr + 1, "x0": np.ones_like(snr)}[prediction]
+    w = np.asarray(losses.snr_loss_weight(abar, 5.0, prediction))
+    np.testing.assert_allclose(w * x0_weight, np.minimum(snr, 5.0), rtol=1e-4)
+    with pytest.raises(ValueError, match="image_prediction"):
+        losses.snr_loss_weight(abar, 5.0, "score")
+
+
+def test_min_snr_gamma_scales_the_image_loss_only():
+    x0, m0 = _data(64)
+    ctx = jnp.zeros((64, 3, 2))
+    zero_net = lambda p, x, m, t, c: (jnp.zeros_like(x), jnp.zeros_like(m))
+    args = (zero_net, None, jax.random.key(6), x0, m0, ctx, ctx[0], SCHED)
+    plain = losses.pdm_loss_terms(*args)
+    weighted = losses.pdm_loss_terms(*args, min_snr_gamma=5.0)
+    noised = losses.noise_inputs(jax.random.split(jax.random.key(6))[0], x0, m0, SCHED)
+    w = losses.snr_loss_weight(noised.abar, 5.0)
+    np.testing.assert_allclose(weighted["image_loss"], w * plain["image_loss"], rtol=1e-6)
+    np.testing.assert_array_equal(weighted["map_loss"], plain["map_loss"])
+    assert float(w.min()) < 0.5 and float(w.max()) == 1.0  # some steps have SNR > γ
