@@ -140,13 +140,13 @@ def snr_loss_weight(abar: Array, gamma: float, image_prediction: str = "eps") ->
     """Min-SNR-γ loss weight (Hang et al. 2023) of the image loss at ᾱ_n.
 
     Per unit of x_0 error the ε loss weighs a step by its SNR = ᾱ/(1−ᾱ); min-SNR-γ caps that
-    at γ, so the nearly clean steps, whose target is mostly the data's own fine noise, stop
-    dominating. As a factor on the chosen target's loss: ``min(SNR, γ)/SNR`` for ε,
-    ``min(SNR, γ)/(SNR + 1)`` for v, ``min(SNR, γ)`` for x_0.
+    at γ, so the nearly clean steps (SNR in the hundreds, where only fine detail is left to
+    predict) stop dominating the gradient. As a factor on the chosen target's loss:
+    ``min(SNR, γ)/SNR`` for ε, ``min(SNR, γ)/(SNR + 1)`` for v, ``min(SNR, γ)`` for x_0.
 
     Args:
       abar: ``[B]`` ᾱ_n.
-      gamma: the cap γ (the paper's default is 5).
+      gamma: the cap γ (Hang et al. use 5).
       image_prediction: ``"eps"``, ``"v"`` or ``"x0"``.
 
     Returns:
@@ -221,6 +221,13 @@ def pdm_loss_terms(
     else:
         x_in, m_in = noised.x_n, noised.m_n
         image_weight = map_weight = jnp.ones(x_0.shape[:1], jnp.float32)
+        if not (given_map_prob >= 0 and given_image_prob >= 0) or (
+            given_map_prob + given_image_prob > 1
+        ):
+            raise ValueError(
+                f"given_map_prob={given_map_prob} and given_image_prob={given_image_prob} must "
+                "be ≥ 0 with a sum ≤ 1 (the rest of the examples are joint)."
+            )
         if given_map_prob > 0 or given_image_prob > 0:
             u = jax.random.uniform(jax.random.fold_in(rng, 2), x_0.shape[:1])
             given_map = u < given_map_prob

@@ -153,6 +153,12 @@ def test_mixed_tasks_feed_clean_inputs_and_drop_their_losses():
     plain = losses.noise_inputs(jax.random.split(key)[0], x0, m0, SCHED)
     np.testing.assert_array_equal(seen["x"][joint], np.asarray(plain.x_n)[joint])
     np.testing.assert_array_equal(seen["m"][joint], np.asarray(plain.m_n)[joint])
+    with pytest.raises(ValueError, match="sum ≤ 1"):
+        losses.pdm_loss_terms(
+            *(zero_net, None, key, x0, m0, ctx, ctx[0], SCHED),
+            given_map_prob=0.7,
+            given_image_prob=0.4,
+        )
 
 
 @pytest.mark.parametrize("prediction", losses.IMAGE_PREDICTIONS)
