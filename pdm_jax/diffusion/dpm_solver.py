@@ -119,14 +119,21 @@ def _singlestep_orders(method: str, order: int, steps: int) -> list[int]:
     return [1] * steps
 
 
+def _multistep_orders(order: int, steps: int, lower_order_final: bool) -> np.ndarray:
+    """Order of each multistep update: warm-up from 1, and lowered at the end if asked."""
+    i = np.arange(steps)
+    orders = np.minimum(i + 1, order)
+    if lower_order_final and steps < 10:  # the reference lowers the final orders only then
+        orders = np.minimum(orders, steps - i)
+    return orders
+
+
 def _multistep_table(
     schedule: VPSchedule, grid: jax.Array, order: int, steps: int, lower_order_final: bool
 ) -> _Table:
     """Coefficients of multistep DPM-Solver++ (warm-up with lower orders)."""
     i = np.arange(steps)
-    orders = np.minimum(i + 1, order)
-    if lower_order_final and steps < 10:  # the reference lowers the final orders only then
-        orders = np.minimum(orders, steps - i)
+    orders = _multistep_orders(order, steps, lower_order_final)
     xnp = schedule.xnp
     alpha, sigma, lam = schedule.marginal_coeffs(grid)  # [steps + 1] each
     lam_t, lam_0 = lam[i + 1], lam[i]
@@ -167,9 +174,7 @@ def _sde_multistep_table(
     last step adds no noise, so the result is the sample itself.
     """
     i = np.arange(steps)
-    orders = np.minimum(i + 1, order)
-    if lower_order_final and steps < 10:
-        orders = np.minimum(orders, steps - i)
+    orders = _multistep_orders(order, steps, lower_order_final)
     xnp = schedule.xnp
     alpha, sigma, lam = schedule.marginal_coeffs(grid)
     h = lam[i + 1] - lam[i]

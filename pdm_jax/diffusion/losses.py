@@ -112,6 +112,14 @@ def _per_example_mse(a: Array, b: Array) -> Array:
 IMAGE_PREDICTIONS = ("eps", "v", "x0")
 
 
+def check_image_prediction(image_prediction: str) -> None:
+    """Raises ValueError unless ``image_prediction`` is one of ``IMAGE_PREDICTIONS``."""
+    if image_prediction not in IMAGE_PREDICTIONS:
+        raise ValueError(
+            f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
+        )
+
+
 def image_target(noised: NoisedBatch, x_0: Array, image_prediction: str = "eps") -> Array:
     """The image head's regression target: ε, x_0, or v = √ᾱ ε − √(1−ᾱ) x_0.
 
@@ -123,17 +131,14 @@ def image_target(noised: NoisedBatch, x_0: Array, image_prediction: str = "eps")
     Returns:
       ``[B, S, S, C]`` targets.
     """
+    check_image_prediction(image_prediction)
     if image_prediction == "eps":
         return noised.eps
     if image_prediction == "x0":
         return x_0
-    if image_prediction == "v":
-        a = _bcast(jnp.sqrt(noised.abar), x_0)
-        s = _bcast(jnp.sqrt(1 - noised.abar), x_0)
-        return a * noised.eps - s * x_0
-    raise ValueError(
-        f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
-    )
+    a = _bcast(jnp.sqrt(noised.abar), x_0)  # v
+    s = _bcast(jnp.sqrt(1 - noised.abar), x_0)
+    return a * noised.eps - s * x_0
 
 
 def snr_loss_weight(abar: Array, gamma: float, image_prediction: str = "eps") -> Array:
@@ -152,14 +157,10 @@ def snr_loss_weight(abar: Array, gamma: float, image_prediction: str = "eps") ->
     Returns:
       ``[B]`` weights.
     """
+    check_image_prediction(image_prediction)
     snr = abar / (1.0 - abar)
-    capped = jnp.minimum(snr, gamma)
     per_target = {"eps": snr, "v": snr + 1.0, "x0": jnp.ones_like(snr)}
-    if image_prediction not in per_target:
-        raise ValueError(
-            f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
-        )
-    return capped / per_target[image_prediction]
+    return jnp.minimum(snr, gamma) / per_target[image_prediction]
 
 
 def pdm_loss_terms(

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pdm_jax.diffusion import dpm_solver
 from pdm_jax.diffusion.guidance import guided
-from pdm_jax.diffusion.losses import IMAGE_PREDICTIONS
+from pdm_jax.diffusion.losses import check_image_prediction
 from pdm_jax.diffusion.schedules import VPSchedule
 
 Array = jax.Array
@@ -158,10 +158,7 @@ def sample_pdm(
       ``{"x": [B, S, S, C]}`` plus ``"m": [B, fS, fS, bits]`` for PDMs.
     """
     _check_task(task, map_shape, known_x, known_m, mask_x, mask_m)
-    if image_prediction not in IMAGE_PREDICTIONS:
-        raise ValueError(
-            f"Unknown image_prediction {image_prediction!r}; choose one of {IMAGE_PREDICTIONS}."
-        )
+    check_image_prediction(image_prediction)
     batch = context.shape[0]
     net = guided(
         lambda x, m, t, c: apply_fn(params, x, m, t, c), context, empty_context, options.cfg_scale

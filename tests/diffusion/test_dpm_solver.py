@@ -212,8 +212,8 @@ def test_sde_sampler_draws_from_the_data_distribution(order, coarse_steps, fine_
             for k, key in zip(("x", "m"), keys, strict=True)
         }
 
-        def moments_error(steps):
-            out = _solve_gaussian(
+        def solve(steps, **kwargs):
+            return _solve_gaussian(
                 sch,
                 x_T,
                 steps=steps,
@@ -221,8 +221,11 @@ def test_sde_sampler_draws_from_the_data_distribution(order, coarse_steps, fine_
                 method="sde_multistep",
                 skip_type="logSNR",
                 rng=jax.random.key(1),
-                noise_scale=NOISE,
+                **kwargs,
             )
+
+        def moments_error(steps):
+            out = solve(steps, noise_scale=NOISE)
             return max(
                 max(abs(float(out[k].mean()) - MU[k]), abs(float(out[k].std()) / STD[k] - 1))
                 for k in out
@@ -232,15 +235,7 @@ def test_sde_sampler_draws_from_the_data_distribution(order, coarse_steps, fine_
         assert fine < 0.02, fine  # sampling error of 20,000 draws is ~0.006
         assert coarse > fine
         # Without the map's noise scale the map leaf's spread comes out wrong.
-        wrong = _solve_gaussian(
-            sch,
-            x_T,
-            steps=fine_steps,
-            order=order,
-            method="sde_multistep",
-            skip_type="logSNR",
-            rng=jax.random.key(1),
-        )
+        wrong = solve(fine_steps)
         assert abs(float(wrong["m"].std()) / STD["m"] - 1) > 0.1
 
 
