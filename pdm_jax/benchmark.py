@@ -26,8 +26,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pdm_jax import models, sharding
-from pdm_jax.diffusion.sampling import SamplerOptions
-from pdm_jax.train import sample_mode
+from pdm_jax.diffusion.reverse import SamplerOptions
+from pdm_jax.sampling import mode as sample_mode
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
 
@@ -165,7 +165,7 @@ def run_benchmark(
 
 def _define_flags() -> dict[str, flags.FlagHolder]:
     """The command-line flags, defined only when run as a program: importing this module
-    (e.g. beside ``pdm_jax.data.prepare_coco``, which has its own ``--batch_size``) adds none.
+    (e.g. beside ``pdm_jax.data.coco.prepare``, which has its own ``--batch_size``) adds none.
     """
     return {
         "config": config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True),

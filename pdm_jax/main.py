@@ -3,8 +3,8 @@ r"""python -m pdm_jax.main --config=configs/pdm.py:demo --workdir=workdir/demo
 Command-line entry point. ``--mode=train`` trains (resuming from ``<workdir>`` when it
 holds checkpoints) and, for configs with ``demo.use_metrics``, then writes the demo's
 ``metrics.json``; ``--mode=sample`` samples from the latest checkpoint (see
-``pdm_jax.train.sample_mode``); ``--mode=evaluate`` samples validation prompts and scores
-them (``pdm_jax.evaluation.evaluate``). Any config field can be overridden with
+``pdm_jax.sampling.mode``); ``--mode=evaluate`` samples validation prompts and scores
+them (``pdm_jax.evaluation.run``). Any config field can be overridden with
 ``--config.a.b=value``. For COCO configs, ``--text_encoder=DIR`` (a local CLIP text
 directory: raw prompts) and ``--vae=PATH`` (the autoencoder: latents → PNGs) set
 ``config.data.clip`` and ``config.data.vae``.
@@ -19,9 +19,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import sharding
-from pdm_jax.evaluation import evaluate
-from pdm_jax.train import checkpoint, demo, sample_mode, trainer
+from pdm_jax import checkpointing, sharding
+from pdm_jax.evaluation import demo
+from pdm_jax.evaluation import run as evaluate
+from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and variant, e.g. configs/pdm.py:demo.", lock_config=True
@@ -64,8 +66,8 @@ for _flag in ("text_encoder", "vae"):
 
 # Errors whose message says what went wrong and how to fix it: no traceback needed.
 _USER_ERRORS = (
-    checkpoint.CheckpointNotFoundError,
-    checkpoint.ConfigMismatchError,
+    checkpointing.CheckpointNotFoundError,
+    checkpointing.ConfigMismatchError,
     trainer.NonFiniteLossError,
     FileNotFoundError,
 )

@@ -27,12 +27,15 @@ from PIL import Image
 
 from configs import pdm as pdm_configs
 from pdm_jax import models
-from pdm_jax.convert import components
-from pdm_jax.convert.torch_io import save_safetensors
-from pdm_jax.data import coco, coco_encoders, pipeline, prepare_coco
+from pdm_jax.data import pipeline
+from pdm_jax.data.coco import encoders as coco_encoders
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.data.coco import prepare as prepare_coco
 from pdm_jax.models.clip import ClipTextConfig, CLIPTextModel
 from pdm_jax.models.vae import AutoencoderKL
-from pdm_jax.train import sample_mode
+from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.weights import components
+from pdm_jax.weights.torch_io import save_safetensors
 from tests.data import fake_coco
 from tests.train import saved_states
 

@@ -27,8 +27,12 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from pdm_jax.convert import components, official
-from pdm_jax.convert.torch_io import load_state_dict, save_safetensors
+from pdm_jax import checkpointing
+from pdm_jax.convert import official
+from pdm_jax.weights import components
+from pdm_jax.weights.clip import _model_and_tokenizer_dirs, load_clip_text
+from pdm_jax.weights.torch_io import load_state_dict, save_safetensors
+from pdm_jax.weights.vae import load_vae
 
 KINDS = ("uvit", "pdm", "vae", "clip_text", "export")
 _DEFAULT_VARIANT = {"uvit": "uvit"}
@@ -84,21 +88,16 @@ def convert(argv: Sequence[str] | None = None) -> str:
         params = official.official_to_params(state_dict, model_cfg)
         return components.save_denoiser(args.output, params, model_cfg)
     if args.kind == "vae":
-        from pdm_jax.convert.vae import load_vae
-
         module, params = load_vae(args.input)
         components.save_component(args.output, "vae", params, module.config)
         return args.output
     if args.kind == "clip_text":
-        from pdm_jax.convert.hf_clip import _model_and_tokenizer_dirs, load_clip_text
-
         module, params, _ = load_clip_text(args.input)
         tok_dir = _model_and_tokenizer_dirs(args.input)[1]
         components.save_component(args.output, "clip_text", params, module.config, tok_dir)
         return args.output
-    from pdm_jax.train import checkpoint
 
-    params, where = checkpoint.load_params(args.input, use_ema=bool(args.use_ema))
+    params, where = checkpointing.load_params(args.input, use_ema=bool(args.use_ema))
     model_cfg = _model_config(args, None) if (args.config or args.model_kwargs) else None
     if model_cfg is None:
         parser.error("export needs --config (or --model_kwargs) describing the checkpoint's model.")

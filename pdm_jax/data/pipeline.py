@@ -15,7 +15,7 @@ random-access data source (``__len__``, ``__getitem__``) whose records hold
 "context"}`` so the train step never branches on data plumbing. The loader shuffles with a
 seed, shards by JAX process (``ShardByJaxProcess``), batches per process, runs
 ``data.num_workers`` worker processes (0: in-process) and its iterator state is a
-checkpoint item (``pdm_jax.train.checkpoint``).
+checkpoint item (``pdm_jax.checkpointing``).
 """
 
 import dataclasses
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from pdm_jax.data import synthetic
+from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.diffusion import maps
 
 SCHEMA_KEYS = ("latent", "map", "context")
@@ -82,7 +82,7 @@ def _synthetic(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Data
 
 
 def _coco(config: ml_collections.ConfigDict, split: str) -> tuple[Any, DatasetInfo]:
-    from pdm_jax.data import coco_info  # the COCO readers load only when used
+    from pdm_jax.data.coco import dataset as coco_info  # the COCO readers load only when used
 
     return coco_info.coco_dataset(config, split)
 

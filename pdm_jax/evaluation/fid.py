@@ -1,6 +1,6 @@
 """Fréchet Inception Distance, computed the way pytorch-fid computes it.
 
-Features are :func:`~pdm_jax.evaluation.inception.inception_pool_features` of uint8 RGB
+Features are :func:`~pdm_jax.models.inception.inception_pool_features` of uint8 RGB
 images: every image, real or generated, goes through the network's own 299×299 PyTorch
 bilinear resize (no other preprocessing), as pytorch-fid does with PNG files. Statistics are
 the float64 mean and ``np.cov`` covariance of the features and are stored as ``.npz`` files
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import linalg
 
-from pdm_jax.evaluation.inception import inception_pool_features
+from pdm_jax.models.inception import inception_pool_features
 
 # pytorch-fid's list; matched case-sensitively as ``*.<ext>``, as it does.
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
@@ -126,7 +126,7 @@ def features_from_batches(
     """Runs the feature network over uint8 batches, padding each to one compiled shape.
 
     Args:
-      variables: Inception variables from :func:`~pdm_jax.evaluation.inception.load_inception`.
+      variables: Inception variables from :func:`~pdm_jax.models.inception.load_inception`.
       batches: iterable of ``[b, H, W, 3]`` uint8 arrays with ``b <= batch_size``.
       batch_size: batch every call is padded to (repeats of the last image), so each image
         size compiles once.

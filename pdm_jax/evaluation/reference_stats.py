@@ -37,8 +37,9 @@ from absl import app, flags, logging
 from PIL import Image
 
 from pdm_jax import sharding
-from pdm_jax.data import coco
-from pdm_jax.evaluation import fid, inception
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.evaluation import fid
+from pdm_jax.models import inception
 
 
 def load_inception_variables(path: str) -> dict:
@@ -49,7 +50,7 @@ def load_inception_variables(path: str) -> dict:
         same names (``Conv2d_1a_3x3.conv.weight``, ...).
 
     Returns:
-      ``{'params', 'batch_stats'}`` for :class:`~pdm_jax.evaluation.inception.InceptionV3`.
+      ``{'params', 'batch_stats'}`` for :class:`~pdm_jax.models.inception.InceptionV3`.
 
     Raises:
       FileNotFoundError: when the file does not exist.

@@ -5,7 +5,7 @@ pre-norm transformer layers, quick-GELU MLPs, a causal text tower with a final l
 and EOS pooling, and a ViT vision tower with a class token, a pre-layernorm and a
 post-layernorm on the pooled class token. Submodule names mirror the Hugging Face
 state-dict names (``text_model/encoder/layers_3/self_attn/q_proj``), so conversion in
-``pdm_jax.convert.hf_clip`` is a table.
+``pdm_jax.weights.clip`` is a table.
 
 Defaults: ``ClipTextConfig()`` is the ViT-L/14 text tower used for conditioning (77 tokens,
 width 768, 12 layers, 12 heads); ``ClipConfig()`` is ViT-B/32 (text width 512, vision

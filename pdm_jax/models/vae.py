@@ -10,7 +10,7 @@ log-variance clamped to [-30, 20]; decoding divides by ``scale_factor`` first. T
 config value: ``UVIT_SCALE_FACTOR`` (0.23010) for U-ViT's ``autoencoder_kl.pth``,
 ``SD_SCALE_FACTOR`` (0.18215) for Stable Diffusion's VAE.
 
-Weights load with ``pdm_jax.convert.vae.load_vae`` from CompVis or diffusers checkpoints.
+Weights load with ``pdm_jax.weights.vae.load_vae`` from CompVis or diffusers checkpoints.
 """
 
 from __future__ import annotations

@@ -19,12 +19,7 @@ from jax.sharding import Mesh
 from pdm_jax import models, sharding
 from pdm_jax.diffusion import analog_bits, losses
 from pdm_jax.diffusion.schedules import VPSchedule, discrete_sd_schedule
-from pdm_jax.train.state import (
-    TrainState,
-    learning_rate_schedule,
-    make_optimizer,
-    trainable_labels,
-)
+from pdm_jax.train.state import TrainState, learning_rate_schedule, make_optimizer, trainable_labels
 
 
 def make_denoise_fn(model_cfg: ml_collections.ConfigDict) -> Callable:

@@ -3,7 +3,7 @@
 ``train_and_evaluate(config, workdir)`` wires the pieces together:
 
 * a mesh with a ``data`` axis over all devices, the state born sharded on it (or restored,
-  in the order of ``pdm_jax.train.checkpoint``);
+  in the order of ``pdm_jax.checkpointing``);
 * the grain loader of ``pdm_jax.data.pipeline``; each host batch becomes a global array;
 * ``jit_train_step`` (state donated, compiled once);
 * every ``log_every_steps``: mean image/map/total loss, grad norm, learning rate and
@@ -18,6 +18,7 @@ or Inf stops training with ``NonFiniteLossError`` naming the step, so the last c
 on disk is always a finite one.
 """
 
+import json
 import logging
 import time
 from typing import Any
@@ -28,9 +29,10 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from pdm_jax import sharding, visualize
+from pdm_jax import checkpointing, sharding, visualize
 from pdm_jax.data import pipeline
-from pdm_jax.train import checkpoint, sample_mode
+from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.train import init as init_lib
 from pdm_jax.train import step as step_lib
 from pdm_jax.train.state import TrainState
 
@@ -121,12 +123,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = sharding.create_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
     source, info = pipeline.create_source(config, "train")
     data_iter = iter(pipeline.create_loader(source, config))
-    manager = checkpoint.create_manager(
-        checkpoint.checkpoint_dir(workdir),
+    manager = checkpointing.create_manager(
+        checkpointing.checkpoint_dir(workdir),
         max_to_keep=config.ckpt.max_to_keep,
         async_save=config.ckpt.async_save,
     )
-    state, shardings, origin = checkpoint.restore_or_initialize(
+    state, shardings, origin = init_lib.restore_or_initialize(
         config, workdir, mesh, manager, data_iter
     )
     start = int(jax.device_get(state.step))
@@ -150,15 +152,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             config, info, task="cogenerate", batch_size=len(info.eval_prompts)
         )
     buffer = _MetricBuffer()
-    ckpt_dir = str(checkpoint.checkpoint_dir(workdir))
+    config_json = json.loads(config.to_json_best_effort())
+    ckpt_dir = str(checkpointing.checkpoint_dir(workdir))
     tick, tick_step = time.perf_counter(), start
 
     def save(s: TrainState) -> None:
         buffer.drain()  # raises before a non-finite state reaches the disk
-        checkpoint.save(manager, s, data_iterator=data_iter, config=config)
+        checkpointing.save(manager, s, data_iterator=data_iter, config=config_json)
 
     try:
-        with checkpoint.SignalGuard() as guard:
+        with init_lib.SignalGuard() as guard:
             for step in range(start + 1, t.num_train_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = sharding.shard_batch(next(data_iter), mesh)

@@ -6,11 +6,11 @@ import pytest
 from flax import traverse_util
 
 from configs import pdm as pdm_configs
-from pdm_jax import models
+from pdm_jax import checkpointing, models
 from pdm_jax.convert import official
 from pdm_jax.convert.__main__ import convert
-from pdm_jax.convert.torch_io import load_state_dict, save_safetensors
-from pdm_jax.train import checkpoint
+from pdm_jax.train import init as init_lib
+from pdm_jax.weights.torch_io import load_state_dict, save_safetensors
 
 UVIT = "configs/pdm.py:uvit,tiny=1"
 TWO = "configs/pdm.py:two_stream,tiny=1,map_patch_factor=1"
@@ -35,7 +35,7 @@ def test_uvit_state_dict_to_checkpoint_and_export_round_trip(tmp_path):
     path, params, _ = _official_file(tmp_path, "uvit,tiny=1")
     out = tmp_path / "ckpt"
     convert(["uvit", "--input", str(path), "--output", str(out), "--config", UVIT])
-    loaded, _ = checkpoint.load_params(out)
+    loaded, _ = checkpointing.load_params(out)
     _assert_same(loaded, params)
     exported = tmp_path / "back.safetensors"
     convert(["export", "--input", str(out), "--output", str(exported), "--config", UVIT])
@@ -50,8 +50,8 @@ def test_uvit_checkpoint_initialises_the_two_stream_image_stream(tmp_path):
     out = tmp_path / "uvit_ckpt"
     convert(["uvit", "--input", str(path), "--output", str(out), "--config", UVIT])
     two_cfg = pdm_configs.get_config("two_stream,tiny=1")
-    loaded, where = checkpoint.load_params(out)
-    merged = checkpoint.initial_params_fn(two_cfg, loaded, where)(jax.random.key(0), loaded)
+    loaded, where = checkpointing.load_params(out)
+    merged = init_lib.initial_params_fn(two_cfg, loaded, where)(jax.random.key(0), loaded)
     flat = traverse_util.flatten_dict(merged)
     for key, value in traverse_util.flatten_dict(uvit_params).items():
         np.testing.assert_array_equal(flat[key], value, err_msg="/".join(key))
@@ -62,7 +62,7 @@ def test_two_stream_state_dict_converts(tmp_path):
     path, params, _ = _official_file(tmp_path, "two_stream,tiny=1,map_patch_factor=1")
     out = tmp_path / "two"
     convert(["pdm", "--input", str(path), "--output", str(out), "--config", TWO])
-    _assert_same(checkpoint.load_params(out)[0], params)
+    _assert_same(checkpointing.load_params(out)[0], params)
 
 
 def test_mismatched_state_dict_lists_missing_unexpected_and_misshaped(tmp_path):

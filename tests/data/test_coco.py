@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pdm_jax.data import coco
-from pdm_jax.data import coco_records as records
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.data.coco import records
 from tests.data import fake_coco
 
 

@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from configs.pdm import get_config
-from pdm_jax.data import coco, coco_encoders, coco_source, pipeline, prepare_coco
-from pdm_jax.data import coco_records as records
+from pdm_jax.data import pipeline
+from pdm_jax.data.coco import encoders as coco_encoders
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.data.coco import prepare as prepare_coco
+from pdm_jax.data.coco import records
+from pdm_jax.data.coco import source as coco_source
 from pdm_jax.models.clip import ClipTextConfig, CLIPTextModel
 from pdm_jax.models.vae import AutoencoderKL
 from tests.data import fake_coco

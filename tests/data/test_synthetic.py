@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
-from pdm_jax.data import synthetic as sy
-from pdm_jax.data import synthetic_oracle as oracle
-from pdm_jax.data import synthetic_text as st
-from pdm_jax.data import synthetic_world as sw
+from pdm_jax.data.synthetic import dataset as sy
+from pdm_jax.data.synthetic import oracle
+from pdm_jax.data.synthetic import text as st
+from pdm_jax.data.synthetic import world as sw
 
 SMALL = sy.SyntheticWorldConfig(
     latent_size=8, map_size=16, image_size=32, in_chans=4, num_clip_token=8, clip_dim=32

@@ -133,7 +133,7 @@ def test_stats_from_folder_reads_images_like_pytorch_fid(tmp_path):
 def test_stats_from_folder_with_inception_matches_pytorch_fid(tmp_path):
     # End to end with the real network: PNGs of the inception golden inputs give pytorch-fid's
     # features (data/inception_golden.npz), hence its statistics.
-    from pdm_jax.evaluation import inception
+    from pdm_jax.models import inception
     from tests.evaluation.test_inception import DATA, golden_images, random_state_dict
 
     small, _ = golden_images()  # [2, 48, 64, 3]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdm_jax.evaluation import inception
+from pdm_jax.models import inception
 
 DATA = pathlib.Path(__file__).parent / "data"
 WEIGHT_SEED = 2015

@@ -6,8 +6,9 @@ import pytest
 from absl import app, flags
 from PIL import Image
 
-from pdm_jax.data import coco
-from pdm_jax.evaluation import fid, inception, reference_stats
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.evaluation import fid, reference_stats
+from pdm_jax.models import inception
 from tests.data import fake_coco
 from tests.evaluation.test_inception import random_state_dict
 

@@ -179,7 +179,7 @@ def _torch_ids(tokenizer):
 def test_tokenizer_is_the_local_one(hf_clip_dir):
     from transformers import CLIPTokenizer
 
-    from pdm_jax.convert.hf_clip import load_text_encoder
+    from pdm_jax.weights.clip import load_text_encoder
 
     directory, _ = hf_clip_dir
     encoder = load_text_encoder(directory)
@@ -201,7 +201,7 @@ def test_text_encoder_matches_transformers(hf_clip_dir, tmp_path, legacy_eos):
     import torch
     from transformers import CLIPTextModel as TorchCLIPTextModel
 
-    from pdm_jax.convert.hf_clip import load_clip_text, load_text_encoder
+    from pdm_jax.weights.clip import load_clip_text, load_text_encoder
 
     directory, full = hf_clip_dir
     text_config = full.config.text_config
@@ -234,7 +234,7 @@ def test_text_encoder_matches_transformers(hf_clip_dir, tmp_path, legacy_eos):
 def test_full_clip_embeddings_match_transformers(hf_clip_dir):
     import torch
 
-    from pdm_jax.convert.hf_clip import load_clip_embedder, load_clip_text
+    from pdm_jax.weights.clip import load_clip_embedder, load_clip_text
 
     directory, model = hf_clip_dir
     embedder = load_clip_embedder(directory, batch_size=4)
@@ -264,7 +264,7 @@ def test_full_clip_embeddings_match_transformers(hf_clip_dir):
 
 @pytest.mark.torch
 def test_text_loader_reads_stable_diffusion_layout(hf_clip_dir, tmp_path):
-    from pdm_jax.convert.hf_clip import load_clip_text
+    from pdm_jax.weights.clip import load_clip_text
 
     directory, _ = hf_clip_dir
     (tmp_path / "text_encoder").mkdir()
@@ -285,8 +285,8 @@ def test_text_loader_reads_stable_diffusion_layout(hf_clip_dir, tmp_path):
 def test_loader_reads_pytorch_bin_and_reports_mismatches(hf_clip_dir, tmp_path):
     import torch
 
-    from pdm_jax.convert.hf_clip import load_clip
-    from pdm_jax.convert.torch_io import ConversionError
+    from pdm_jax.weights.clip import load_clip
+    from pdm_jax.weights.torch_io import ConversionError
 
     directory, model = hf_clip_dir
     for name in ("config.json", "vocab.json", "merges.txt"):
@@ -314,8 +314,8 @@ def test_loader_reads_pytorch_bin_and_reports_mismatches(hf_clip_dir, tmp_path):
 @pytest.mark.torch
 def test_convert_cli_writes_a_directory_load_clip_text_reads(hf_clip_dir, tmp_path):
     from pdm_jax.convert.__main__ import convert
-    from pdm_jax.convert.hf_clip import load_clip_text
     from pdm_jax.models.clip_embed import tokenize
+    from pdm_jax.weights.clip import load_clip_text
 
     directory, _ = hf_clip_dir
     out = tmp_path / "clip_converted"

@@ -79,7 +79,7 @@ def test_bf16_compute_keeps_float32_outputs():
 
 
 def _compvis_name(key: str, num_levels: int) -> str:
-    """diffusers -> CompVis/U-ViT names, written independently of pdm_jax.convert.vae."""
+    """diffusers -> CompVis/U-ViT names, written independently of pdm_jax.weights.vae."""
     key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
     key = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", key)
     key = key.replace("mid_block.attentions.0", "mid.attn_1")
@@ -138,7 +138,7 @@ def _check_parity(module, params, vae, scale, pass_scale=True):
 
 @pytest.mark.torch
 def test_diffusers_directory_matches_torch(diffusers_vae):
-    from pdm_jax.convert.vae import load_vae
+    from pdm_jax.weights.vae import load_vae
 
     directory, vae = diffusers_vae
     module, params = load_vae(directory)
@@ -148,8 +148,8 @@ def test_diffusers_directory_matches_torch(diffusers_vae):
 
 @pytest.mark.torch
 def test_old_diffusers_attention_names(diffusers_vae, tmp_path):
-    from pdm_jax.convert.torch_io import save_safetensors
-    from pdm_jax.convert.vae import load_vae
+    from pdm_jax.weights.torch_io import save_safetensors
+    from pdm_jax.weights.vae import load_vae
 
     directory, vae = diffusers_vae
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -171,8 +171,8 @@ def test_compvis_pth_matches_torch(diffusers_vae, tmp_path):
     import torch
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from pdm_jax.convert.torch_io import ConversionError
-    from pdm_jax.convert.vae import load_vae
+    from pdm_jax.weights.torch_io import ConversionError
+    from pdm_jax.weights.vae import load_vae
 
     directory, vae = diffusers_vae
     n = len(TINY["block_out_channels"])
@@ -221,7 +221,7 @@ def test_compvis_pth_matches_torch(diffusers_vae, tmp_path):
 @pytest.mark.torch
 def test_convert_cli_writes_a_directory_load_vae_reads(diffusers_vae, tmp_path):
     from pdm_jax.convert.__main__ import convert
-    from pdm_jax.convert.vae import load_vae
+    from pdm_jax.weights.vae import load_vae
 
     directory, _ = diffusers_vae
     out = tmp_path / "vae_converted"

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pdm_jax.train import checkpoint
+from pdm_jax import checkpointing
 from pdm_jax.train import state as state_lib
 
 
@@ -32,6 +32,6 @@ def params_only_state(params: Any, ema_params: Any = None, step: int = 0) -> sta
 
 def save_state(workdir: Any, state: state_lib.TrainState, config: ml_collections.ConfigDict):
     """Saves ``state`` with ``config`` as ``workdir``'s checkpoint, as the trainer does."""
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir))
-    checkpoint.save(manager, state, config=config)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(workdir))
+    checkpointing.save(manager, state, config=config.to_dict())
     manager.wait_until_finished()

@@ -8,8 +8,12 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import pdm as pdm_configs
-from pdm_jax.data import pipeline, synthetic_world
-from pdm_jax.train import checkpoint, demo, sample_mode, trainer
+from pdm_jax import checkpointing
+from pdm_jax.data import pipeline
+from pdm_jax.data.synthetic import world as synthetic_world
+from pdm_jax.evaluation import demo
+from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.train import trainer
 
 
 def _config(steps=2):
@@ -40,7 +44,7 @@ def test_two_step_run_then_sample_mode(tmp_path):
     config = _config()
     state = trainer.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 2
-    for item in (checkpoint.STATE, checkpoint.DATA, checkpoint.CONFIG):
+    for item in (checkpointing.STATE, checkpointing.DATA, checkpointing.CONFIG):
         assert (tmp_path / "checkpoints" / "2" / item).is_dir(), item
     saved_config = json.loads((tmp_path / "checkpoints/2/config/metadata").read_text())
     assert saved_config["model"]["embed_dim"] == config.model.embed_dim
@@ -127,4 +131,4 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     with pytest.raises(trainer.NonFiniteLossError, match="at step 3") as info:
         trainer.train_and_evaluate(config, str(tmp_path))
     assert "Last good checkpoint: step 2" in str(info.value)
-    assert checkpoint.locate(tmp_path)[1] == 2
+    assert checkpointing.locate(tmp_path)[1] == 2

@@ -67,7 +67,7 @@ def load_categories() -> tuple[dict[str, Any], ...]:
       Entries sorted by id, each ``{"id", "name", "supercategory", "isthing", "color"}``:
       80 things (ids 1..90) and 53 stuff classes (ids 92..200); void (0) is not listed.
     """
-    text = resources.files("pdm_jax.data").joinpath("coco_categories.json").read_text()
+    text = resources.files("pdm_jax.data.coco").joinpath("categories.json").read_text()
     return tuple(json.loads(text))
 
 

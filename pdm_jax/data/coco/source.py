@@ -1,4 +1,4 @@
-"""A grain random-access source over prepared COCO (``pdm_jax.data.prepare_coco`` output).
+"""A grain random-access source over prepared COCO (``pdm_jax.data.coco.prepare`` output).
 
 ``CocoSource(data_dir, split, map_size=...)`` reads the split's ArrayRecord files with
 grain's ``ArrayRecordDataSource`` and decodes one record per index. Two record views:
@@ -42,8 +42,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from pdm_jax.data import coco
-from pdm_jax.data import coco_records as records
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.data.coco import records
 from pdm_jax.diffusion import maps
 
 # Names other parts of pdm_jax use for the evaluation split.
@@ -132,7 +132,7 @@ class CocoSource:
         return np.load(os.path.join(self.data_dir, self.metadata["empty_context"]))
 
     def record(self, index: int) -> dict[str, Any]:
-        """The stored record ``index`` (schema in :mod:`pdm_jax.data.coco_records`)."""
+        """The stored record ``index`` (schema in :mod:`pdm_jax.data.coco.records`)."""
         return records.decode_record(self._source[int(index)])
 
     def _map(self, rec: Mapping[str, Any]) -> np.ndarray:

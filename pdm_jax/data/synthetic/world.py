@@ -4,7 +4,7 @@ A scene is a two-region "stuff" background (a top category over a bottom categor
 at a random horizon) with 1–3 "things" of distinct categories, each in its own cell of a
 3×3 grid (``top-left`` … ``bottom-right``) and either ``small`` or ``big``. Every category
 has its own saturated colour and a faint texture, so an image can be segmented back into
-a category map by colour (the oracle, :mod:`pdm_jax.data.synthetic_oracle`).
+a category map by colour (the oracle, :mod:`pdm_jax.data.synthetic.oracle`).
 
 Ids follow the COCO panoptic convention: things < 92 ≤ stuff, ``0`` = void. Void is never
 rendered (every pixel belongs to a stuff or a thing category) and the oracle never returns

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pdm_jax.convert.torch_io import (
+from pdm_jax.weights.torch_io import (
     ConversionError,
     find_weights_file,
     fit_to_template,

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pdm_jax.data import coco
-from pdm_jax.data.coco_source import coco_source_from_config
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.data.coco.source import coco_source_from_config
 
 SPLITS = {"train": "train", "held_out": "val", "val": "val", "eval": "val"}
 
@@ -37,7 +37,7 @@ class _LazyVAE:
                 "<autoencoder_kl.pth, a diffusers vae/ directory or a `pdm_jax.convert vae` "
                 "output>."
             )
-        from pdm_jax.convert.vae import load_vae
+        from pdm_jax.weights.vae import load_vae
 
         module, params = load_vae(self.path)
         encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode_moments"))
@@ -72,7 +72,7 @@ class _LazyText:
                 "--config.data.clip)=<local clip-vit-large-patch14 directory or a "
                 "`pdm_jax.convert clip_text` output>."
             )
-        from pdm_jax.convert.hf_clip import load_text_encoder
+        from pdm_jax.weights.clip import load_text_encoder
 
         return load_text_encoder(self.path)
 

@@ -21,14 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdm_jax.convert import components
-from pdm_jax.convert.torch_io import (
-    ConversionError,
-    find_weights_file,
-    fit_to_template,
-    flatten_paths,
-    load_state_dict,
-)
 from pdm_jax.models.clip import (
     ClipConfig,
     CLIPModel,
@@ -37,6 +29,14 @@ from pdm_jax.models.clip import (
     ClipVisionConfig,
 )
 from pdm_jax.models.clip_embed import ClipEmbedder, TextEncoder
+from pdm_jax.weights import components
+from pdm_jax.weights.torch_io import (
+    ConversionError,
+    find_weights_file,
+    fit_to_template,
+    flatten_paths,
+    load_state_dict,
+)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Buffers some older checkpoints carry; they are recomputed, not loaded.

@@ -13,13 +13,18 @@ import pytest
 from PIL import Image
 
 from configs.pdm import get_config
-from pdm_jax import sharding
-from pdm_jax.data import coco, coco_source, pipeline, prepare_coco
+from pdm_jax import checkpointing, sharding
+from pdm_jax.data import pipeline
+from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.data.coco import prepare as prepare_coco
+from pdm_jax.data.coco import source as coco_source
 from pdm_jax.diffusion import maps
-from pdm_jax.evaluation import clip_score, evaluate, fid, inception
+from pdm_jax.evaluation import clip_score, fid
 from pdm_jax.evaluation import mcd as mcd_lib
+from pdm_jax.evaluation import run as evaluate
+from pdm_jax.models import inception
 from pdm_jax.models.clip import ClipConfig, CLIPModel, ClipTextConfig, ClipVisionConfig
-from pdm_jax.train import checkpoint, sample_mode
+from pdm_jax.sampling import mode as sample_mode
 from pdm_jax.train import state as state_lib
 from tests.data import fake_coco
 from tests.evaluation.test_inception import random_state_dict
@@ -37,8 +42,8 @@ def _save_fresh_checkpoint(config: ml_collections.ConfigDict, workdir) -> None:
     """A freshly initialised train state saved with the trainer's checkpoint API (step 0)."""
     mesh = sharding.create_mesh((-1,), (sharding.DATA_AXIS,))
     state, _ = state_lib.create_train_state(config, jax.random.key(config.seed), mesh)
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(workdir), async_save=False)
-    checkpoint.save(manager, state, config=config)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(workdir), async_save=False)
+    checkpointing.save(manager, state, config=config.to_dict())
     manager.wait_until_finished()
 
 
@@ -96,7 +101,7 @@ def test_samples_equal_sample_mode_with_the_same_seeds(synthetic_run):
     # Sample i starts from key(seed + i) whatever the batch: sample mode's sampler (another
     # batch size, no sharding) must draw the same images and maps.
     config, workdir, _ = synthetic_run
-    params, _ = checkpoint.load_params(str(workdir))
+    params, _ = checkpointing.load_params(str(workdir))
     _, info = pipeline.create_source(config, "held_out")
     captions = pipeline.synthetic_world(config).held_out_prompts(3)["caption"]
     out = sample_mode.Sampler(config, info, task="cogenerate", batch_size=3)(
@@ -175,7 +180,7 @@ def test_samples_made_otherwise_are_refused(synthetic_run):
 
 def test_missing_checkpoint_names_the_directory(tmp_path):
     config = get_config("demo,tiny=1")
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match=str(tmp_path)):
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match=str(tmp_path)):
         evaluate.run_evaluate(config, str(tmp_path))
 
 
@@ -352,7 +357,7 @@ def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
     with np.load(tmp_path / "eval" / "0" / "fid_stats_cogenerate.npz") as saved:
         np.testing.assert_allclose(saved["mu"], mu, rtol=1e-5, atol=1e-6)
 
-    from pdm_jax.convert import hf_clip
+    from pdm_jax.weights import clip as hf_clip
 
     embedder = hf_clip.load_clip_embedder(weights / "clip")
     captions = [fake_coco.CAPTIONS[ids[i % 3]] for i in range(7)]

@@ -5,14 +5,14 @@ function of ``(seed, split, index)``:
 
 * **image**: a stuff background (sky or wall over grass, sea, sand or snow) and 1–3
   things (ball, box, tent, cross) on a 3×3 grid, each category in its own colour with a
-  faint texture and noise (see :mod:`pdm_jax.data.synthetic_world`);
+  faint texture and noise (see :mod:`pdm_jax.data.synthetic.world`);
 * **latent**: the image through :class:`PixelAutoencoder`, an identity "autoencoder"
   (area-average to the latent side, scale to [-1, 1]);
 * **map**: the category map at ``map_size`` (nearest semantics: the category at each
   pixel's centre), COCO-style ids (things < 92 ≤ stuff, void 0 never drawn);
 * **caption**: e.g. ``"big ball top-left, small box right and small tent bottom, sky over
   sea"``, tokenised word by word and encoded by a frozen random text tower
-  (:mod:`pdm_jax.data.synthetic_text`).
+  (:mod:`pdm_jax.data.synthetic.text`).
 
 Some (thing pair, background) compositions never occur in the ``"train"`` split; the
 ``"held_out"`` split and :meth:`SyntheticWorld.held_out_prompts` contain only those, so
@@ -27,9 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pdm_jax.data import synthetic_oracle as oracle
-from pdm_jax.data import synthetic_text as text
-from pdm_jax.data import synthetic_world as world
+from pdm_jax.data.synthetic import oracle, text, world
 
 SPLITS = ("train", "held_out")
 

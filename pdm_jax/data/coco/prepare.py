@@ -1,13 +1,13 @@
 r"""COCO 2017 panoptic + captions → ArrayRecord training data (VAE moments, CLIP contexts, maps).
 
-    python -m pdm_jax.data.prepare_coco --coco_dir=/data/coco --output_dir=/data/coco_pdm \
+    python -m pdm_jax.data.coco.prepare --coco_dir=/data/coco --output_dir=/data/coco_pdm \
         --split=train --vae=/ckpt/autoencoder_kl.pth --clip=/ckpt/clip-vit-large-patch14
 
-Per image (see :mod:`pdm_jax.data.coco` for crop, resize and map rules): VAE moments of the
-256×256 crop (our Flax VAE, jitted, fixed batch), the CLIP context of every caption (our
+Per image (see :mod:`pdm_jax.data.coco.panoptic` for crop, resize and map rules): VAE moments of
+the 256×256 crop (our Flax VAE, jitted, fixed batch), the CLIP context of every caption (our
 Flax CLIP text tower, batched), the captions, and category maps at 32, 64 and 128. The
 empty caption's context is written once per output directory. Format and record schema:
-:mod:`pdm_jax.data.coco_records`.
+:mod:`pdm_jax.data.coco.records`.
 
 Work is planned from the annotations alone (images in id order, ``--records_per_shard``
 per file), so every host derives the same plan: with ``--num_shards=N --shard_index=i`` a
@@ -34,9 +34,8 @@ import tqdm
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from pdm_jax.data import coco
-from pdm_jax.data import coco_encoders as encoders
-from pdm_jax.data import coco_records as records
+from pdm_jax.data.coco import encoders, records
+from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.diffusion import maps
 
 LOGVAR_RANGE = (-30.0, 20.0)  # as the KL autoencoder's DiagonalGaussianDistribution
@@ -364,8 +363,8 @@ def main(argv: Sequence[str]) -> None:
     for name in ("coco_dir", "output_dir", "vae", "clip"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
-    from pdm_jax.convert import hf_clip
-    from pdm_jax.convert import vae as vae_convert
+    from pdm_jax.weights import clip as hf_clip
+    from pdm_jax.weights import vae as vae_convert
 
     dtype = jnp.dtype(FLAGS.compute_dtype)
     module, params = vae_convert.load_vae(FLAGS.vae, dtype=dtype)

@@ -6,37 +6,23 @@ iterator's state (one JSON per process), ``config`` the run's config as JSON. Sa
 atomic (orbax writes to a temporary directory and renames) and keep the last
 ``ckpt.max_to_keep``.
 
-Where training starts (``restore_or_initialize``), first match wins:
-
-1. ``<workdir>/checkpoints`` has a checkpoint → resume it (state and data order);
-2. ``ckpt.resume_from`` (a workdir, a checkpoints directory or one step directory) →
-   resume it the same way;
-3. ``ckpt.init_from`` → parameters only (EMA ones by default), e.g. a U-ViT checkpoint
-   merged into the two-stream image stream; fresh optimizer, step 0;
-4. from scratch.
-
-:class:`SignalGuard` turns SIGTERM/SIGINT into a flag the loop polls so it can save first.
+Everything here is independent of what the state holds: the trainer (``pdm_jax.train.init``)
+saves and restores its ``TrainState``; sampling and evaluation read parameters only
+(``load_params``); ``pdm_jax.weights.components`` writes converted weights in the same
+layout.
 """
 
 import dataclasses
-import json
 import logging
-import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
-from jax.sharding import Mesh
-
-from pdm_jax import models
-from pdm_jax.train import state as state_lib
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -98,10 +84,10 @@ class _IteratorSnapshot:
 
 def save(
     manager: ocp.CheckpointManager,
-    state: state_lib.TrainState,
+    state: Any,
     *,
     data_iterator: Any | None = None,
-    config: ml_collections.ConfigDict | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> int:
     """Saves the state (and the data iterator and config) at ``state.step``.
 
@@ -109,7 +95,7 @@ def save(
       manager: from ``create_manager``.
       state: the train state.
       data_iterator: a grain iterator (``get_state`` returning bytes), or None.
-      config: the run's config, stored as JSON for inspection.
+      config: the run's config as a JSON-able dict, stored for inspection.
 
     Returns:
       The step saved.
@@ -119,7 +105,7 @@ def save(
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
     if config is not None:
-        items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+        items[CONFIG] = ocp.args.JsonSave(dict(config))
     manager.save(step, args=ocp.args.Composite(**items), force=True)
     return step
 
@@ -190,51 +176,35 @@ def param_mismatches(found: Any, expected: Any) -> list[str]:
     return lines
 
 
-def mismatch_error(
-    where: str, lines: list[str], config: ml_collections.ConfigDict
-) -> ConfigMismatchError:
+def mismatch_error(where: str, lines: list[str], model_name: str) -> ConfigMismatchError:
     """The error for a checkpoint whose parameters differ from the config (``lines``)."""
     shown = lines[:40] + ([f"... and {len(lines) - 40} more"] if len(lines) > 40 else [])
     return ConfigMismatchError(
         f"The checkpoint at {where} does not match the config (model.name="
-        f"{config.model.name!r}); {len(lines)} parameter(s) differ:\n  "
+        f"{model_name!r}); {len(lines)} parameter(s) differ:\n  "
         + "\n  ".join(shown)
         + "\nUse the config the checkpoint was trained with (its 'config' item holds it)."
     )
 
 
-def abstract_train_state(
-    config: ml_collections.ConfigDict, mesh: Mesh
-) -> tuple[state_lib.TrainState, state_lib.TrainState]:
-    """The state's shapes with their shardings, and the sharding tree, without allocating."""
-    abstract = jax.eval_shape(
-        lambda r: state_lib.init_train_state(config, r), jax.random.key(config.seed)
-    )
-    shardings = state_lib.state_shardings(mesh, abstract)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    return target, shardings
-
-
 def restore_state(
     manager: ocp.CheckpointManager,
     step: int,
-    target: state_lib.TrainState,
-    config: ml_collections.ConfigDict,
+    target: Any,
+    model_name: str,
     data_iterator: Any | None = None,
-) -> state_lib.TrainState:
+) -> Any:
     """Restores the full state (placed as ``target`` says) and the data iterator in place.
 
     Args:
       manager: a manager over the checkpoints directory.
       step: the step to restore.
       target: abstract state with shardings (``abstract_train_state``).
-      config: the config (named in errors).
+      model_name: the config's ``model.name`` (named in errors).
       data_iterator: a grain iterator to restore, or None.
 
     Returns:
-      The restored ``TrainState``.
+      The restored state.
 
     Raises:
       ConfigMismatchError: listing the parameters whose paths or shapes differ.
@@ -243,7 +213,7 @@ def restore_state(
     tree = _state_tree(manager, step)
     lines = param_mismatches(tree.get("params", {}), target.params)
     if lines:
-        raise mismatch_error(where, lines, config)
+        raise mismatch_error(where, lines, model_name)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
     try:
@@ -303,111 +273,3 @@ def load_params(path: str | epath.Path, use_ema: bool = True) -> tuple[Any, str]
         ),
     )
     return jax.tree.map(np.asarray, restored[STATE][key]), str(root / str(step))
-
-
-def initial_params_fn(config: ml_collections.ConfigDict, loaded: Any, where: str):
-    """``(rng, loaded) -> params``: the loaded tree, or merged into a fresh two-stream one.
-
-    Validates shapes eagerly, raising ``ConfigMismatchError`` listing the differences.
-    """
-    expected = models.abstract_params(config.model)
-    lines = param_mismatches(loaded, expected)
-    if not lines:
-        return lambda rng, p: p
-    if config.model.name == "two_stream":
-        try:
-            models.merge_image_stream(expected, loaded)
-        except ValueError as e:
-            raise ConfigMismatchError(f"ckpt.init_from={where}: {e}") from e
-
-        def merged(rng, p):
-            init_rng, _ = jax.random.split(rng)
-            return models.merge_image_stream(models.init_params(config.model, init_rng), p)
-
-        return merged
-    raise mismatch_error(where, lines, config)
-
-
-def restore_or_initialize(
-    config: ml_collections.ConfigDict,
-    workdir: str | epath.Path,
-    mesh: Mesh,
-    manager: ocp.CheckpointManager,
-    data_iterator: Any | None = None,
-) -> tuple[state_lib.TrainState, state_lib.TrainState, str]:
-    """The train state, following the resume order of the module docstring.
-
-    Args:
-      config: the full config.
-      workdir: the run's directory (its own checkpoints come first).
-      mesh: the device mesh.
-      manager: the run's manager (over ``checkpoint_dir(workdir)``).
-      data_iterator: restored in place when resuming.
-
-    Returns:
-      ``(state, shardings, origin)``; ``origin`` says where the state came from.
-    """
-    target, shardings = abstract_train_state(config, mesh)
-    if manager.latest_step() is not None:
-        step = manager.latest_step()
-        state = restore_state(manager, step, target, config, data_iterator)
-        return state, shardings, f"resumed {checkpoint_dir(workdir) / str(step)}"
-    if config.ckpt.resume_from:
-        root, step = locate(config.ckpt.resume_from)
-        other = create_manager(root, read_only=True)
-        state = restore_state(other, step, target, config, data_iterator)
-        return state, shardings, f"resumed {root / str(step)} (ckpt.resume_from)"
-    rng = jax.random.key(config.seed)
-    if config.ckpt.init_from:
-        loaded, where = load_params(config.ckpt.init_from, config.ckpt.use_ema_for_init)
-        params_fn = initial_params_fn(config, loaded, where)
-
-        def init(r, p):
-            return state_lib.init_train_state(config, r, params_fn(r, p))
-
-        state = jax.jit(init, out_shardings=shardings)(rng, loaded)
-        return state, shardings, f"parameters from {where} (ckpt.init_from)"
-    state, shardings = state_lib.create_train_state(config, rng, mesh)
-    return state, shardings, "from scratch"
-
-
-class SignalGuard:
-    """Within ``with``: SIGTERM/SIGINT set ``signum`` instead of stopping the process.
-
-    The training loop polls ``requested`` after each step, saves, then stops. A second
-    signal while saving falls back to the previous handler (e.g. ``KeyboardInterrupt``).
-    Outside the main thread it does nothing (signals can only be handled there).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        """Whether a stop signal arrived."""
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.signum is not None:
-            self.__exit__()
-            signal.raise_signal(signum)
-            return
-        self.signum = signum
-        logging.warning(
-            "Received %s: saving a checkpoint, then stopping.", signal.strsignal(signum)
-        )
-
-    def __enter__(self) -> "SignalGuard":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()

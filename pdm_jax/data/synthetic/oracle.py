@@ -9,7 +9,7 @@ every edge (see ``tests/data/test_synthetic.py``).
 
 import numpy as np
 
-from pdm_jax.data.synthetic_world import CATEGORIES, VOID_ID
+from pdm_jax.data.synthetic.world import CATEGORIES, VOID_ID
 
 _ORACLE_IDS = np.array([c.id for c in CATEGORIES if c.id != VOID_ID], dtype=np.int32)
 _ORACLE_COLOURS = np.array(

@@ -29,7 +29,7 @@ from etils import epath
 from pdm_jax import visualize
 from pdm_jax.data import pipeline
 from pdm_jax.evaluation import mcd as mcd_lib
-from pdm_jax.train import sample_mode
+from pdm_jax.sampling import mode as sample_mode
 
 _GRID_ROWS = 8
 

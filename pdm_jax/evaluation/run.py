@@ -56,12 +56,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image, PngImagePlugin
 
-from pdm_jax import models, sharding
+from pdm_jax import checkpointing, models, sharding
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits
 from pdm_jax.evaluation import clip_score, fid, reference_stats
 from pdm_jax.evaluation import mcd as mcd_lib
-from pdm_jax.train import checkpoint, sample_mode
+from pdm_jax.sampling import mode as sample_mode
 
 # ``config.eval`` fields and their defaults (used for any field the config lacks).
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -177,7 +177,7 @@ def eval_prompts(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
         world = pipeline.synthetic_world(config)
         return SyntheticPrompts(world, with_map), world
     if config.data.source == "coco":
-        from pdm_jax.data import coco_source
+        from pdm_jax.data.coco import source as coco_source
 
         return CocoPrompts(coco_source.coco_source_from_config(config, "val")), None
     raise ValueError(
@@ -201,11 +201,13 @@ def load_eval_params(
       CheckpointNotFoundError: naming the directory looked in.
       ConfigMismatchError: listing mismatched parameter paths and shapes.
     """
-    root, step = checkpoint.locate(checkpoint.checkpoint_dir(workdir), None if step < 0 else step)
-    params, where = checkpoint.load_params(root / str(step), use_ema=use_ema)
-    lines = checkpoint.param_mismatches(params, models.abstract_params(config.model))
+    root, step = checkpointing.locate(
+        checkpointing.checkpoint_dir(workdir), None if step < 0 else step
+    )
+    params, where = checkpointing.load_params(root / str(step), use_ema=use_ema)
+    lines = checkpointing.param_mismatches(params, models.abstract_params(config.model))
     if lines:
-        raise checkpoint.mismatch_error(where, lines, config)
+        raise checkpointing.mismatch_error(where, lines, config.model.name)
     return params, step
 
 
@@ -509,7 +511,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str, *, info: Any =
         variables = reference_stats.load_inception_variables(ev.inception)
         extractor = reference_stats.InceptionFeatures(variables, ev.inception_batch_size)
     if ev.clip:
-        from pdm_jax.convert import hf_clip
+        from pdm_jax.weights import clip as hf_clip
 
         embedder = hf_clip.load_clip_embedder(ev.clip, batch_size=int(ev.clip_batch_size))
     eval_dir = workdir / "eval" / str(step)

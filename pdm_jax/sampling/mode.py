@@ -31,17 +31,16 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from pdm_jax import models, visualize
+from pdm_jax import checkpointing, models, visualize
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits, maps
-from pdm_jax.diffusion.sampling import (
+from pdm_jax.diffusion.reverse import (
     TASKS,
     SamplerOptions,
     from_data_prediction,
     sample_pdm,
     to_data_prediction,
 )
-from pdm_jax.train import checkpoint
 from pdm_jax.train import step as step_lib
 
 
@@ -365,7 +364,7 @@ def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
     CLIP text encoder are all sampling needs.
     """
     if config.data.source == "coco" and not config.data.dir:
-        from pdm_jax.data import coco_info
+        from pdm_jax.data.coco import dataset as coco_info
 
         return coco_info.encoder_info(config)
     return pipeline.create_source(config, "train")[1]
@@ -404,11 +403,11 @@ def load_sampling_params(config: ml_collections.ConfigDict, workdir: str) -> tup
       ConfigMismatchError: listing mismatched parameter paths and shapes.
     """
     step = None if config.sample.step < 0 else int(config.sample.step)
-    root, step = checkpoint.locate(checkpoint.checkpoint_dir(workdir), step)
-    params, where = checkpoint.load_params(root / str(step), use_ema=config.sample.use_ema)
-    lines = checkpoint.param_mismatches(params, models.abstract_params(config.model))
+    root, step = checkpointing.locate(checkpointing.checkpoint_dir(workdir), step)
+    params, where = checkpointing.load_params(root / str(step), use_ema=config.sample.use_ema)
+    lines = checkpointing.param_mismatches(params, models.abstract_params(config.model))
     if lines:
-        raise checkpoint.mismatch_error(where, lines, config)
+        raise checkpointing.mismatch_error(where, lines, config.model.name)
     return params, step
 
 

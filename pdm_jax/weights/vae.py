@@ -26,15 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pdm_jax.convert import components
-from pdm_jax.convert.torch_io import (
+from pdm_jax.models.vae import UVIT_SCALE_FACTOR, AutoencoderKL, VAEConfig
+from pdm_jax.weights import components
+from pdm_jax.weights.torch_io import (
     ConversionError,
     find_weights_file,
     fit_to_template,
     flatten_paths,
     load_state_dict,
 )
-from pdm_jax.models.vae import UVIT_SCALE_FACTOR, AutoencoderKL, VAEConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CHECKPOINT_PREFIXES = ("first_stage_model.", "vae.")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pdm_jax.diffusion.schedules import discrete_sd_schedule
-from pdm_jax.train import sample_mode
+from pdm_jax.sampling import mode as sample_mode
 
 SCHED = discrete_sd_schedule()
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from configs import pdm as pdm_configs
-from pdm_jax import models, sharding
-from pdm_jax.train import checkpoint, trainer
+from pdm_jax import checkpointing, models, sharding
+from pdm_jax.train import init as init_lib
 from pdm_jax.train import state as state_lib
+from pdm_jax.train import trainer
 from tests.train import saved_states
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +64,8 @@ def test_resume_is_exact(tmp_path):
     chex.assert_trees_all_equal(jax.device_get(resumed.ema_params), jax.device_get(full.ema_params))
     chex.assert_trees_all_equal(jax.device_get(resumed.opt_state), jax.device_get(full.opt_state))
     # Step 2 of the uninterrupted run was saved while training went on (donated buffers).
-    mid_full, _ = checkpoint.load_params(tmp_path / "full/checkpoints/2", use_ema=False)
-    mid_split, _ = checkpoint.load_params(tmp_path / "split/checkpoints/2", use_ema=False)
+    mid_full, _ = checkpointing.load_params(tmp_path / "full/checkpoints/2", use_ema=False)
+    mid_split, _ = checkpointing.load_params(tmp_path / "split/checkpoints/2", use_ema=False)
     chex.assert_trees_all_equal(mid_full, mid_split)
     # The data order continued where it stopped: same iterator position after 4 steps.
     data = "checkpoints/4/data/process_0-of-1.json"
@@ -77,15 +78,15 @@ def test_resume_order_workdir_then_resume_from_then_init_from(tmp_path):
     mesh = sharding.create_mesh()
     # resume_from another run when the workdir is empty.
     config.ckpt.resume_from = str(tmp_path / "a")
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "b"))
-    state, _, origin = checkpoint.restore_or_initialize(config, tmp_path / "b", mesh, manager)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "b"))
+    state, _, origin = init_lib.restore_or_initialize(config, tmp_path / "b", mesh, manager)
     assert "ckpt.resume_from" in origin
     chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(saved.params))
     # The workdir's own checkpoint wins over resume_from.
     config.seed = 5
     own = _saved_fresh_state(config, tmp_path / "b")
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "b"))
-    state, _, origin = checkpoint.restore_or_initialize(config, tmp_path / "b", mesh, manager)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "b"))
+    state, _, origin = init_lib.restore_or_initialize(config, tmp_path / "b", mesh, manager)
     assert origin.startswith("resumed") and "resume_from" not in origin
     chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(own.params))
 
@@ -96,8 +97,8 @@ def test_init_from_uvit_fills_the_two_stream_image_stream(tmp_path):
     config = _config("two_stream,tiny=1")
     config.ckpt.init_from = str(tmp_path / "uvit")
     mesh = sharding.create_mesh()
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "pdm"))
-    state, _, origin = checkpoint.restore_or_initialize(config, tmp_path / "pdm", mesh, manager)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "pdm"))
+    state, _, origin = init_lib.restore_or_initialize(config, tmp_path / "pdm", mesh, manager)
     assert "ckpt.init_from" in origin and int(state.step) == 0
     params, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
     uvit_params = jax.device_get(saved.ema_params)
@@ -112,52 +113,52 @@ def test_mismatched_config_lists_parameter_paths_and_shapes(tmp_path):
     config = _config()
     config.model.embed_dim = 64
     mesh = sharding.create_mesh()
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path))
-    with pytest.raises(checkpoint.ConfigMismatchError) as info:
-        checkpoint.restore_or_initialize(config, tmp_path, mesh, manager)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path))
+    with pytest.raises(checkpointing.ConfigMismatchError) as info:
+        init_lib.restore_or_initialize(config, tmp_path, mesh, manager)
     message = str(info.value)
     assert str(tmp_path / "checkpoints" / "0") in message
     assert "context_embed/kernel: checkpoint (16, 32) vs config (16, 64)" in message
 
 
 def test_missing_checkpoints_name_the_path(tmp_path):
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match=str(tmp_path / "nowhere")):
-        checkpoint.locate(tmp_path / "nowhere")
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match=str(tmp_path / "nowhere")):
+        checkpointing.locate(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match="No checkpoint found in"):
-        checkpoint.locate(tmp_path / "empty")
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match="No checkpoint found in"):
+        checkpointing.locate(tmp_path / "empty")
     config = _config()
     config.ckpt.init_from = str(tmp_path / "nowhere")
     mesh = sharding.create_mesh()
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(tmp_path / "run"))
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match="nowhere"):
-        checkpoint.restore_or_initialize(config, tmp_path / "run", mesh, manager)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "run"))
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match="nowhere"):
+        init_lib.restore_or_initialize(config, tmp_path / "run", mesh, manager)
 
 
 def test_locate_accepts_workdir_root_and_step_directory(tmp_path):
     _saved_fresh_state(_config(), tmp_path, params_only=True)
     root = tmp_path / "checkpoints"
-    assert checkpoint.locate(tmp_path) == (root, 0)
-    assert checkpoint.locate(root) == (root, 0)
-    assert checkpoint.locate(root / "0") == (root, 0)
-    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"available steps: \[0\]"):
-        checkpoint.locate(root, step=7)
+    assert checkpointing.locate(tmp_path) == (root, 0)
+    assert checkpointing.locate(root) == (root, 0)
+    assert checkpointing.locate(root / "0") == (root, 0)
+    with pytest.raises(checkpointing.CheckpointNotFoundError, match=r"available steps: \[0\]"):
+        checkpointing.locate(root, step=7)
 
 
 def test_param_mismatches_against_abstract_params():
     config = _config()
     expected = models.abstract_params(config.model)
-    assert checkpoint.param_mismatches(expected, expected) == []
+    assert checkpointing.param_mismatches(expected, expected) == []
     found = dict(expected)
     name = sorted(found)[0]
     del found[name]
-    lines = checkpoint.param_mismatches(found, expected)
+    lines = checkpointing.param_mismatches(found, expected)
     assert lines and all(line.startswith(name) for line in lines)
 
 
 def test_signal_guard_defers_sigterm_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
-    with checkpoint.SignalGuard() as guard:
+    with init_lib.SignalGuard() as guard:
         assert not guard.requested
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.time() + 5
@@ -200,12 +201,12 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     finally:
         proc.kill()
     assert rc == 128 + signal.SIGTERM, "".join(lines[-30:])
-    root, step = checkpoint.locate(tmp_path)
+    root, step = checkpointing.locate(tmp_path)
     assert step >= 1
     config = _config()
     mesh = sharding.create_mesh()
-    target, _ = checkpoint.abstract_train_state(config, mesh)
-    manager = checkpoint.create_manager(root, read_only=True)
-    state = checkpoint.restore_state(manager, step, target, config)
+    target, _ = init_lib.abstract_train_state(config, mesh)
+    manager = checkpointing.create_manager(root, read_only=True)
+    state = checkpointing.restore_state(manager, step, target, config.model.name)
     assert int(state.step) == step
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))

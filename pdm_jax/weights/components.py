@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pdm_jax import checkpointing  # the training layout is the single source of truth
+
 COMPONENT_FILE = "pdm_jax_component.json"
 TOKENIZER_FILES = (
     "vocab.json",
@@ -43,17 +45,17 @@ def save_denoiser(output_dir: str, params: Any, model_cfg: ml_collections.Config
     Returns:
       The step directory written.
     """
-    from pdm_jax.train import checkpoint  # the training layout is the single source of truth
-
-    manager = checkpoint.create_manager(checkpoint.checkpoint_dir(output_dir), async_save=False)
+    manager = checkpointing.create_manager(
+        checkpointing.checkpoint_dir(output_dir), async_save=False
+    )
     items = {
-        checkpoint.STATE: ocp.args.PyTreeSave({"params": jax.tree.map(np.asarray, params)}),
-        checkpoint.CONFIG: ocp.args.JsonSave({"model": json.loads(model_cfg.to_json())}),
+        checkpointing.STATE: ocp.args.PyTreeSave({"params": jax.tree.map(np.asarray, params)}),
+        checkpointing.CONFIG: ocp.args.JsonSave({"model": json.loads(model_cfg.to_json())}),
     }
     manager.save(0, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
     manager.close()
-    return str(checkpoint.checkpoint_dir(output_dir) / "0")
+    return str(checkpointing.checkpoint_dir(output_dir) / "0")
 
 
 def is_component(path: str | os.PathLike) -> bool:

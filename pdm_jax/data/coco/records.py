@@ -75,7 +75,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
     if record.get("version") != RECORD_VERSION:
         raise ValueError(
             f"Record version {record.get('version')!r} is not {RECORD_VERSION}; re-run "
-            "python -m pdm_jax.data.prepare_coco with this version of pdm_jax."
+            "python -m pdm_jax.data.coco.prepare with this version of pdm_jax."
         )
     for key, value in record.items():
         if isinstance(value, dict) and value.keys() == _ARRAY_KEYS:
@@ -154,7 +154,7 @@ def read_metadata(data_dir: str, split: str) -> dict[str, Any]:
         f"{len(done)} of its files are finished; re-run prepare_coco with the same flags "
         "(every --shard_index) to finish it"
         if done
-        else f"prepare it with: python -m pdm_jax.data.prepare_coco --coco_dir=... "
+        else f"prepare it with: python -m pdm_jax.data.coco.prepare --coco_dir=... "
         f"--output_dir={data_dir} --split={split} --vae=... --clip=..."
     )
     raise FileNotFoundError(f"{path} does not exist: the {split!r} split is not prepared; {hint}.")

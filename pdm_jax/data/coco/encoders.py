@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from pdm_jax.data import coco
+from pdm_jax.data.coco import panoptic as coco
 
 
 class ImageEncoder(Protocol):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pdm_jax.diffusion import sampling
+from pdm_jax.diffusion import reverse as sampling
 from pdm_jax.diffusion.schedules import discrete_sd_schedule
 
 SCHED = discrete_sd_schedule()

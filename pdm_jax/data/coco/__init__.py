@@ -1,0 +1,1 @@
+"""COCO 2017 panoptic: the category table and decoding, preparation to ArrayRecord, the reader."""

@@ -1,0 +1,1 @@
+"""Sampling: one sampler object (resident parameters, compiled programs) and sample mode."""

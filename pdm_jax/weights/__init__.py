@@ -1,0 +1,1 @@
+"""Runtime weight loaders: torch/safetensors files, VAE, CLIP, Inception, converted components."""
