@@ -25,9 +25,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from pdm_jax import models, sharding
-from pdm_jax.diffusion.reverse import SamplerOptions
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax import models, sharding, specs
+from pdm_jax.sampling import sampler as sampler_lib
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
 
@@ -85,7 +84,7 @@ def _program(config: Any, what: str, batch_size: int, steps: int | None):
 
         return fn, (lambda: (holder["state"], batch)), run
     params = jax.jit(functools.partial(models.init_params, config.model))(rng)
-    denoise = step_lib.make_denoise_fn(config.model)
+    denoise = models.denoise_fn(config.model)
     has_map = config.model.name != "uvit"
     m_t = None
     if has_map:
@@ -96,12 +95,14 @@ def _program(config: Any, what: str, batch_size: int, steps: int | None):
         fn = jax.jit(denoise)
         args = (params, batch["latent"], m_t, t, batch["context"])
         return fn, (lambda: args), (lambda compiled: compiled(*args))
-    options = SamplerOptions.from_config(config.sampler)
-    if steps:
-        options = dataclasses.replace(options, steps=steps)
-    sample_fn = sample_mode.configured_sampler(config, options=options)
-    fn = jax.jit(sample_fn)
-    args = (params, rng, batch["context"], empty)
+    solver = dataclasses.replace(config.sampler, steps=steps) if steps else config.sampler
+    spec = sampler_lib.ProgramSpec(
+        config.model, config.diffusion, solver, "cogenerate", (0, 1), mesh, (False,) * 4
+    )
+    fn = sampler_lib.program(spec)  # the program Sampler runs (per-example seeds)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    seeds = jax.device_put(np.arange(batch_size, dtype=np.uint32), sharding.batch_sharding(mesh))
+    args = (params, seeds, batch["context"], empty, None, None, None, None)
     return fn, (lambda: args), (lambda compiled: compiled(*args))
 
 
@@ -121,6 +122,7 @@ def run_benchmark(
     warmup: int = 1,
 ) -> dict[str, Any]:
     """Compiles, warms up and times the program; returns the result record."""
+    config = specs.as_run_spec(config)
     fn, args_fn, run = _program(config, what, batch_size, steps)
     t0 = time.perf_counter()
     compiled = fn.lower(*args_fn()).compile()

@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import checkpointing, sharding
+from pdm_jax import checkpointing, sharding, specs
 from pdm_jax.evaluation import demo
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
@@ -31,10 +31,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 
 
-def _train(config, workdir: str) -> None:
-    trainer.train_and_evaluate(config, workdir)
-    if config.demo.use_metrics:
-        demo.evaluate(config, workdir)
+def _train(run: specs.RunSpec, workdir: str) -> None:
+    trainer.train_and_evaluate(run, workdir)
+    if run.demo.use_metrics:
+        demo.evaluate(run, workdir)
 
 
 MODES = {"train": _train, "sample": sample_mode.run, "evaluate": evaluate.run_evaluate}
@@ -69,6 +69,7 @@ _USER_ERRORS = (
     checkpointing.CheckpointNotFoundError,
     checkpointing.ConfigMismatchError,
     trainer.NonFiniteLossError,
+    specs.ConfigError,
     FileNotFoundError,
 )
 
@@ -111,7 +112,8 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
-        MODES[_MODE.value](config, _WORKDIR.value)
+        run = specs.from_config(config)
+        MODES[_MODE.value](run, _WORKDIR.value)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)

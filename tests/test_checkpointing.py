@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import pdm as pdm_configs
-from pdm_jax import checkpointing, models, sharding
+from pdm_jax import checkpointing, models, sharding, specs
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import trainer
@@ -48,7 +48,9 @@ def _saved_fresh_state(config, workdir, params_only=False):
         state = _params_only_state(config)
     else:
         mesh = sharding.create_mesh()
-        state, _ = state_lib.create_train_state(config, jax.random.key(config.seed), mesh)
+        state, _ = state_lib.create_train_state(
+            specs.from_config(config), jax.random.key(config.seed), mesh
+        )
     saved_states.save_state(workdir, state, config)
     return state
 
@@ -79,14 +81,18 @@ def test_resume_order_workdir_then_resume_from_then_init_from(tmp_path):
     # resume_from another run when the workdir is empty.
     config.ckpt.resume_from = str(tmp_path / "a")
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "b"))
-    state, _, origin = init_lib.restore_or_initialize(config, tmp_path / "b", mesh, manager)
+    state, _, origin = init_lib.restore_or_initialize(
+        specs.from_config(config), tmp_path / "b", mesh, manager
+    )
     assert "ckpt.resume_from" in origin
     chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(saved.params))
     # The workdir's own checkpoint wins over resume_from.
     config.seed = 5
     own = _saved_fresh_state(config, tmp_path / "b")
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "b"))
-    state, _, origin = init_lib.restore_or_initialize(config, tmp_path / "b", mesh, manager)
+    state, _, origin = init_lib.restore_or_initialize(
+        specs.from_config(config), tmp_path / "b", mesh, manager
+    )
     assert origin.startswith("resumed") and "resume_from" not in origin
     chex.assert_trees_all_equal(jax.device_get(state.params), jax.device_get(own.params))
 
@@ -98,7 +104,9 @@ def test_init_from_uvit_fills_the_two_stream_image_stream(tmp_path):
     config.ckpt.init_from = str(tmp_path / "uvit")
     mesh = sharding.create_mesh()
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "pdm"))
-    state, _, origin = init_lib.restore_or_initialize(config, tmp_path / "pdm", mesh, manager)
+    state, _, origin = init_lib.restore_or_initialize(
+        specs.from_config(config), tmp_path / "pdm", mesh, manager
+    )
     assert "ckpt.init_from" in origin and int(state.step) == 0
     params, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
     uvit_params = jax.device_get(saved.ema_params)
@@ -115,7 +123,7 @@ def test_mismatched_config_lists_parameter_paths_and_shapes(tmp_path):
     mesh = sharding.create_mesh()
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path))
     with pytest.raises(checkpointing.ConfigMismatchError) as info:
-        init_lib.restore_or_initialize(config, tmp_path, mesh, manager)
+        init_lib.restore_or_initialize(specs.from_config(config), tmp_path, mesh, manager)
     message = str(info.value)
     assert str(tmp_path / "checkpoints" / "0") in message
     assert "context_embed/kernel: checkpoint (16, 32) vs config (16, 64)" in message
@@ -132,7 +140,7 @@ def test_missing_checkpoints_name_the_path(tmp_path):
     mesh = sharding.create_mesh()
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "run"))
     with pytest.raises(checkpointing.CheckpointNotFoundError, match="nowhere"):
-        init_lib.restore_or_initialize(config, tmp_path / "run", mesh, manager)
+        init_lib.restore_or_initialize(specs.from_config(config), tmp_path / "run", mesh, manager)
 
 
 def test_locate_accepts_workdir_root_and_step_directory(tmp_path):
@@ -205,7 +213,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     assert step >= 1
     config = _config()
     mesh = sharding.create_mesh()
-    target, _ = init_lib.abstract_train_state(config, mesh)
+    target, _ = init_lib.abstract_train_state(specs.from_config(config), mesh)
     manager = checkpointing.create_manager(root, read_only=True)
     state = checkpointing.restore_state(manager, step, target, config.model.name)
     assert int(state.step) == step

@@ -1,7 +1,7 @@
 """The input pipeline: a random-access source → grain ``DataLoader`` → batches in one schema.
 
-Every source (the synthetic world now, a COCO ArrayRecord source later) is a grain
-random-access data source (``__len__``, ``__getitem__``) whose records hold
+Every source (``pdm_jax.data.synthetic``, ``pdm_jax.data.coco``; registered in ``SOURCES``)
+is a grain random-access data source (``__len__``, ``__getitem__``) whose records hold
 
 * ``latent`` float [S, S, C], or ``moments`` float [S, S, 2C] (VAE mean and log-variance:
   a latent ``mean + exp(logvar / 2)·ε`` is drawn per read) — the autoencoder's output; the
@@ -18,89 +18,30 @@ seed, shards by JAX process (``ShardByJaxProcess``), batches per process, runs
 checkpoint item (``pdm_jax.checkpointing``).
 """
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
-from absl import flags
 
+from pdm_jax.data.coco import dataset as coco_dataset
+from pdm_jax.data.schema import DatasetInfo, DataSpec
 from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.diffusion import maps
 
-SCHEMA_KEYS = ("latent", "map", "context")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What training and sampling need from a dataset besides its records.
-
-    Attributes:
-      empty_context: float32 [T, D], the unconditional (empty-caption) context.
-      encode_text: captions → float32 [B, T, D] contexts.
-      encode_images: uint8 [B, H, W, 3] images → float32 [B, S, S, C] latents.
-      decode_latents: float [B, S, S, C] latents → uint8 [B, H, W, 3] images.
-      category_names: id → name of every category (void included).
-      colour_table: uint8 [256, 3] display colour per id.
-      eval_prompts: captions for the sample grids written during training.
-    """
-
-    empty_context: np.ndarray
-    encode_text: Callable[[Sequence[str]], np.ndarray]
-    encode_images: Callable[[np.ndarray], np.ndarray]
-    decode_latents: Callable[[np.ndarray], np.ndarray]
-    category_names: Mapping[int, str]
-    colour_table: np.ndarray
-    eval_prompts: tuple[str, ...]
-
-
-def synthetic_world(config: ml_collections.ConfigDict) -> synthetic.SyntheticWorld:
-    """The synthetic world whose sizes match ``config.model`` and ``config.data``."""
-    overrides = {}
-    if config.data.get("num_records", 0):
-        overrides["num_records"] = int(config.data.num_records)
-    return synthetic.SyntheticWorld(synthetic.SyntheticWorldConfig.from_config(config, **overrides))
-
-
-def _synthetic(config: ml_collections.ConfigDict, split: str) -> tuple[Any, DatasetInfo]:
-    world = synthetic_world(config)
-    num_eval = int(config.train.get("num_eval_prompts", 8))
-    scale = np.float32(config.data.latent_scale)
-    info = DatasetInfo(
-        empty_context=world.empty_context,
-        encode_text=world.encode_text,
-        encode_images=lambda images: world.autoencoder.encode(images) * scale,
-        decode_latents=lambda latents: world.autoencoder.decode(np.asarray(latents) / scale),
-        category_names=dict(world.category_names),
-        colour_table=world.colour_table(),
-        eval_prompts=tuple(world.held_out_prompts(num_eval)["caption"]),
-    )
-    return synthetic.SyntheticSource(world, split), info
-
-
-def _coco(config: ml_collections.ConfigDict, split: str) -> tuple[Any, DatasetInfo]:
-    from pdm_jax.data.coco import dataset as coco_info  # the COCO readers load only when used
-
-    return coco_info.coco_dataset(config, split)
-
-
-# data.source → (config, split) → (random-access source, info). New sources register here.
-SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str], tuple[Any, DatasetInfo]]] = {
-    "synthetic": _synthetic,
-    "coco": _coco,
+# data.source → (data spec, split) → (random-access source, info). New sources register here.
+SOURCES: dict[str, Callable[[DataSpec, str], tuple[Any, DatasetInfo]]] = {
+    "synthetic": synthetic.synthetic_dataset,
+    "coco": coco_dataset.coco_dataset,
 }
 
 
-def create_source(
-    config: ml_collections.ConfigDict, split: str = "train"
-) -> tuple[Any, DatasetInfo]:
-    """Builds the random-access source named by ``config.data.source``.
+def create_source(data: DataSpec, split: str = "train") -> tuple[Any, DatasetInfo]:
+    """Builds the random-access source named by ``data.source``.
 
     Args:
-      config: the full config.
+      data: the run's ``DataSpec``.
       split: the split to read (synthetic: ``train`` or ``held_out``).
 
     Returns:
@@ -109,13 +50,13 @@ def create_source(
     Raises:
       ValueError: for a source that is not available.
     """
-    name = config.data.source
+    name = data.source
     if name not in SOURCES:
         raise ValueError(
             f"Data source {name!r} is not available; available: {sorted(SOURCES)}. "
             "Set --config.data.source accordingly (the demo uses 'synthetic')."
         )
-    return SOURCES[name](config, split)
+    return SOURCES[name](data, split)
 
 
 class NormaliseRecord(grain.transforms.RandomMap):
@@ -187,9 +128,9 @@ def per_process_batch_size(global_batch_size: int, num_data_shards: int | None =
 
 def create_loader(
     source: Any,
-    config: ml_collections.ConfigDict,
+    data: DataSpec,
     *,
-    batch_size: int | None = None,
+    batch_size: int,
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
@@ -198,9 +139,8 @@ def create_loader(
 
     Args:
       source: a random-access source (``__len__``, ``__getitem__``).
-      config: the full config (``data.seed``, ``data.num_workers``, ``data.num_threads``,
-        ``data.prefetch``, ``model`` for the map side, ``diffusion.map_pooling``).
-      batch_size: global batch size (default ``config.train.batch_size``).
+      data: the run's ``DataSpec`` (seed, workers, threads, prefetch, map side and pooling).
+      batch_size: global batch size.
       shuffle: seeded shuffling (a fresh permutation per epoch).
       num_epochs: passes over the source; None repeats forever.
       drop_remainder: drop a last partial batch (and uneven shards).
@@ -209,13 +149,11 @@ def create_loader(
       A ``grain.DataLoader``; ``iter(loader)`` is checkpointable
       (``get_state``/``set_state``).
     """
-    m = config.model
-    global_batch = int(batch_size or config.train.batch_size)
-    local_batch = per_process_batch_size(global_batch)
+    local_batch = per_process_batch_size(int(batch_size))
     normalise = NormaliseRecord(
-        map_size=None if m.name == "uvit" else int(m.img_size * m.map_patch_factor),
-        map_pooling=config.diffusion.map_pooling,
-        latent_scale=float(config.data.get("latent_scale", 1.0)),
+        map_size=data.map_size or None,
+        map_pooling=data.map_pooling,
+        latent_scale=data.latent_scale,
     )
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
     sampler = grain.samplers.IndexSampler(
@@ -223,19 +161,14 @@ def create_loader(
         shard_options=shard_options,
         shuffle=shuffle,
         num_epochs=num_epochs,
-        seed=int(config.data.seed),
+        seed=data.seed,
     )
-    num_threads = int(config.data.get("num_threads", 2))
-    if config.data.num_workers > 0 and not flags.FLAGS.is_parsed():
-        # Grain's worker processes read absl flags; outside an absl app (notebooks, tests)
-        # nothing parsed them, so their defaults are taken.
-        flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
         operations=[normalise, grain.transforms.Batch(local_batch, drop_remainder=drop_remainder)],
-        worker_count=int(config.data.num_workers),
+        worker_count=data.num_workers,
         read_options=grain.ReadOptions(
-            num_threads=num_threads, prefetch_buffer_size=int(config.data.get("prefetch", 64))
+            num_threads=data.num_threads, prefetch_buffer_size=data.prefetch
         ),
     )

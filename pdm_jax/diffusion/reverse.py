@@ -46,17 +46,6 @@ class SamplerOptions:
     cfg_scale: float = 1.0
     lower_order_final: bool = True
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "SamplerOptions":
-        """Builds options from a ``config.sampler`` ConfigDict."""
-        return cls(
-            steps=int(cfg.steps),
-            order=int(cfg.order),
-            method=str(cfg.method),
-            skip_type=str(cfg.skip_type),
-            cfg_scale=float(cfg.cfg_scale),
-        )
-
 
 def _bcast(v: Array, like: Array) -> Array:
     return jnp.reshape(v, jnp.shape(v) + (1,) * (like.ndim - jnp.ndim(v)))

@@ -17,19 +17,21 @@ The demo's figures: after training ``demo``, sample the synthetic world's held-o
 Grids of the first prompts go to ``<workdir>/demo_<task>.png``.
 """
 
+import dataclasses
 import json
 import logging
 import time
 from typing import Any
 
-import ml_collections
 import numpy as np
 from etils import epath
 
-from pdm_jax import visualize
+from pdm_jax import specs, visualize
 from pdm_jax.data import pipeline
+from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.evaluation import mcd as mcd_lib
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.sampling.params import load_params
+from pdm_jax.sampling.sampler import Sampler
 
 _GRID_ROWS = 8
 
@@ -43,16 +45,17 @@ def _figures(world, captions, reference_maps, images, maps) -> dict[str, float]:
     }
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Computes the demo metrics from the workdir's latest checkpoint and writes them.
 
     Args:
-      config: the ``demo`` config (synthetic data source).
+      config: the ``demo`` run's ``RunSpec`` (or its ``ConfigDict``; synthetic data).
       workdir: the trained run's directory.
 
     Returns:
       The metrics written to ``<workdir>/metrics.json``.
     """
+    config = specs.as_run_spec(config)
     if config.data.source != "synthetic":
         raise ValueError(
             f"Demo metrics need the synthetic world (data.source='synthetic'), got "
@@ -62,9 +65,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ValueError("Demo metrics need a PDM (model.name one_stream or two_stream).")
     t0 = time.perf_counter()
     workdir = epath.Path(workdir)
-    world = pipeline.synthetic_world(config)
-    _, info = pipeline.create_source(config, "held_out")
-    params, step = sample_mode.load_sampling_params(config, str(workdir))
+    world = synthetic.synthetic_world(config.data)
+    _, info = pipeline.create_source(config.data, "held_out")
+    params, step = load_params(str(workdir), -1, True, config.model)
     n = int(config.demo.num_prompts)
     ref = world.held_out_prompts(n)
     captions, ref_maps = list(ref["caption"]), ref["map"]
@@ -73,9 +76,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch = min(n, int(config.train.num_eval_prompts))
     metrics: dict[str, Any] = {"step": step, "num_prompts": n, "split": "held_out"}
 
-    cog = sample_mode.Sampler(config, info, task="cogenerate", batch_size=batch)(
-        params, captions, seeds
+    sampler = Sampler(
+        config.model, config.diffusion, config.sampler, info, params, batch_size=batch
     )
+    cog = sampler(seeds, captions=captions, task="cogenerate")
     metrics["cogenerate"] = _figures(world, captions, ref_maps, cog.images, cog.maps)
     seg = world.segment(cog.images)
     metrics["cogenerate"]["image_caption_recall"] = float(
@@ -87,13 +91,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         # The whole map known, re-imposed at the current noise level after every step: the
         # jointly trained model then sees (x_t, M_t) at one t, as in training.
         mask_m = np.ones((*ref_maps.shape, 1), np.float32)
-        given = sample_mode.Sampler(config, info, task="inpaint", batch_size=batch)(
-            params, captions, seeds, known_maps=ref_maps, mask_m=mask_m
+        given = sampler(
+            seeds, captions=captions, task="inpaint", known_maps=ref_maps, mask_m=mask_m
         )
     else:
-        given = sample_mode.Sampler(config, info, task="given_map", batch_size=batch)(
-            params, captions, seeds, known_maps=ref_maps
-        )
+        given = sampler(seeds, captions=captions, task="given_map", known_maps=ref_maps)
     seg_given = world.segment(given.images)
     metrics["given_map"] = {
         "map_image_agreement": float(mcd_lib.pixel_agreement(seg_given, ref_maps)),
@@ -105,7 +107,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             np.mean(world.map_agreement(world.autoencoder.decode(ref["latent"]), ref_maps))
         ),
     }
-    metrics["sampler"] = config.sampler.to_dict()
+    metrics["sampler"] = dataclasses.asdict(config.sampler)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
 
     rows = slice(0, min(n, _GRID_ROWS))

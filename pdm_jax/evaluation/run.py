@@ -40,7 +40,6 @@ Layout (``<task>`` is ``cogenerate`` or ``given_map``)::
 """
 
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -48,7 +47,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 from clu import metric_writers
@@ -56,60 +54,46 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image, PngImagePlugin
 
-from pdm_jax import checkpointing, models, sharding
+from pdm_jax import specs
 from pdm_jax.data import pipeline
-from pdm_jax.diffusion import analog_bits
+from pdm_jax.data.coco import source as coco_source
+from pdm_jax.data.schema import DatasetInfo
+from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.evaluation import clip_score, fid, reference_stats
 from pdm_jax.evaluation import mcd as mcd_lib
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.sampling.params import load_params
+from pdm_jax.sampling.sampler import Sampler
+from pdm_jax.weights import clip as hf_clip
 
-# ``config.eval`` fields and their defaults (used for any field the config lacks).
-EVAL_DEFAULTS: dict[str, Any] = {
-    "num_samples": 0,  # 0: DEFAULT_NUM_SAMPLES of the data source
-    "step": -1,  # checkpoint step; -1: the latest
-    "task": "cogenerate",  # cogenerate | given_map
-    "batch_size": 16,  # samples per sampler call on each process
-    "seed": 0,  # sample i starts from jax.random.key(seed + i)
-    "use_ema": True,
-    "fid_stats": "",  # reference .npz (mu, sigma), see pdm_jax.evaluation.reference_stats
-    "inception": "",  # pytorch-fid Inception .pth (or .npz of its state dict); "" skips FID
-    "inception_batch_size": 50,
-    "clip": "",  # Hugging Face CLIP ViT-B/32 directory; "" skips the CLIP score
-    "clip_batch_size": 64,
-}
 DEFAULT_NUM_SAMPLES = {"coco": 30_000, "synthetic": 256}
 TASKS = ("cogenerate", "given_map")
 
 
-def eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config.eval`` over ``EVAL_DEFAULTS``, validated.
+def eval_settings(config: specs.RunSpec) -> specs.EvalSpec:
+    """``config.eval``, validated, with ``num_samples`` resolved for the data source.
 
     Args:
-      config: the full config (its ``eval`` group may be missing or partial).
+      config: the run's spec.
 
     Returns:
-      A complete ``eval`` ConfigDict (``num_samples`` resolved for the data source).
+      The ``eval`` spec to run with (``num_samples`` 0 becomes the source's default).
     """
-    group = config.get("eval", None)
-    given = {} if group is None else group.to_dict()
-    unknown = sorted(set(given) - set(EVAL_DEFAULTS))
-    if unknown:
-        raise ValueError(f"Unknown config.eval fields {unknown}; known: {sorted(EVAL_DEFAULTS)}.")
-    ev = ml_collections.ConfigDict({**EVAL_DEFAULTS, **given})
+    ev = config.eval
     if ev.task not in TASKS:
         raise ValueError(f"eval.task={ev.task!r} is not evaluated; choose one of {TASKS}.")
     if ev.task == "given_map" and config.model.name == "uvit":
         raise ValueError("eval.task=given_map needs a PDM (model.name one_stream or two_stream).")
     if ev.num_samples <= 0:
-        ev.num_samples = DEFAULT_NUM_SAMPLES.get(config.data.source, 1000)
+        ev = dataclasses.replace(ev, num_samples=DEFAULT_NUM_SAMPLES.get(config.data.source, 1000))
     if ev.inception and not ev.fid_stats:
         raise ValueError(
             "eval.inception is set but eval.fid_stats is empty: compute reference statistics "
             "with python -m pdm_jax.evaluation.reference_stats and pass --config.eval.fid_stats."
         )
     for key in ("fid_stats", "inception", "clip"):
-        if ev[key] and not epath.Path(ev[key]).exists():
-            raise FileNotFoundError(f"eval.{key}={ev[key]} does not exist.")
+        value = getattr(ev, key)
+        if value and not epath.Path(value).exists():
+            raise FileNotFoundError(f"eval.{key}={value} does not exist.")
     return ev
 
 
@@ -170,16 +154,13 @@ class CocoPrompts:
         return {"source": "coco", "records": self.num_records, "text_encoder": text}
 
 
-def eval_prompts(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+def eval_prompts(config: specs.RunSpec) -> tuple[Any, Any]:
     """The validation prompts of ``config.data.source`` and its oracle world (or None)."""
-    with_map = config.model.name != "uvit"
     if config.data.source == "synthetic":
-        world = pipeline.synthetic_world(config)
-        return SyntheticPrompts(world, with_map), world
+        world = synthetic.synthetic_world(config.data)
+        return SyntheticPrompts(world, config.model.has_map), world
     if config.data.source == "coco":
-        from pdm_jax.data.coco import source as coco_source
-
-        return CocoPrompts(coco_source.coco_source_from_config(config, "val")), None
+        return CocoPrompts(coco_source.coco_source_from_spec(config.data, "val")), None
     raise ValueError(
         f"Evaluation reads validation captions from data.source 'coco' or 'synthetic', got "
         f"{config.data.source!r}."
@@ -192,57 +173,7 @@ def host_indices(num_samples: int, process_index: int, process_count: int) -> ra
     return range(int(bounds[process_index]), int(bounds[process_index + 1]))
 
 
-def load_eval_params(
-    config: ml_collections.ConfigDict, workdir: str, step: int, use_ema: bool
-) -> tuple[Any, int]:
-    """Host parameters of ``<workdir>/checkpoints`` at ``step`` (-1: latest), checked.
-
-    Raises:
-      CheckpointNotFoundError: naming the directory looked in.
-      ConfigMismatchError: listing mismatched parameter paths and shapes.
-    """
-    root, step = checkpointing.locate(
-        checkpointing.checkpoint_dir(workdir), None if step < 0 else step
-    )
-    params, where = checkpointing.load_params(root / str(step), use_ema=use_ema)
-    lines = checkpointing.param_mismatches(params, models.abstract_params(config.model))
-    if lines:
-        raise checkpointing.mismatch_error(where, lines, config.model.name)
-    return params, step
-
-
-@functools.lru_cache(maxsize=8)
-def _sample_program(
-    key: str,
-    task: str,
-    valid_ids: tuple[int, ...],
-    out_sharding: jax.sharding.NamedSharding,
-):
-    """Jitted ``(params, seeds [B], contexts [B,T,D], empty [T,D], maps [B,M,M]|None)``.
-
-    ``key`` is the JSON of the ``model``, ``diffusion`` and ``sampler`` groups (cached per
-    process, so repeated evaluations reuse the compiled program). Returns ``{"x": latents
-    [B,S,S,C]}`` plus, for cogeneration with a PDM, ``"ids"`` [B, M, M] and ``"invalid"``
-    [B]; every output is placed as ``out_sharding``.
-    """
-    config = ml_collections.ConfigDict(json.loads(key))
-    valid_ids = np.asarray(valid_ids, np.int64)
-    m = config.model
-    has_map = m.name != "uvit"
-    sample_fn = sample_mode.configured_sampler(config, task)
-
-    def one(params, seed, context, empty, ids):
-        known = analog_bits.ids_to_bits(ids, m.num_bits)[None] if task == "given_map" else None
-        res = sample_fn(params, jax.random.key(seed), context[None], empty, known_m=known)
-        out = {"x": res["x"][0]}
-        if has_map and task == "cogenerate":
-            out["ids"], out["invalid"] = analog_bits.decode_map(res["m"][0], valid_ids, m.num_bits)
-        return out
-
-    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, None, 0)), out_shardings=out_sharding)
-
-
-def _needs_map(config: ml_collections.ConfigDict, ev: ml_collections.ConfigDict) -> bool:
+def _needs_map(config: specs.RunSpec, ev: specs.EvalSpec) -> bool:
     """Whether samples include a generated map (a PDM cogenerating)."""
     return config.model.name != "uvit" and ev.task == "cogenerate"
 
@@ -294,29 +225,26 @@ def _done(samples_dir: epath.Path, needs_map: bool) -> set[int]:
 
 
 def generate_samples(
-    config: ml_collections.ConfigDict,
-    ev: ml_collections.ConfigDict,
+    config: specs.RunSpec,
+    ev: specs.EvalSpec,
     prompts: Any,
-    info: pipeline.DatasetInfo,
+    info: DatasetInfo,
     params: Any,
     samples_dir: epath.Path,
-    mesh: jax.sharding.Mesh,
 ) -> tuple[int, float]:
     """Samples this process's missing indices into ``samples_dir``.
 
     Args:
-      config: the full config.
+      config: the run's spec.
       ev: the ``eval`` settings (``eval_settings``).
       prompts: ``SyntheticPrompts`` or ``CocoPrompts``.
       info: the dataset's codecs (``decode_latents``, ``empty_context``, categories).
       params: host parameters.
       samples_dir: where the sample files go.
-      mesh: this process's devices on a ``data`` axis.
 
     Returns:
       ``(number generated, seconds)``.
     """
-    has_map = config.model.name != "uvit"
     needs_map = _needs_map(config, ev)
     mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
     done = _done(samples_dir, needs_map)
@@ -324,51 +252,39 @@ def generate_samples(
     if not todo:
         return 0, 0.0
     samples_dir.mkdir(parents=True, exist_ok=True)
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = -(-int(ev.batch_size) // mesh.size) * mesh.size
-    key = json.dumps({k: config[k].to_dict() for k in ("model", "diffusion", "sampler")})
-    valid_ids = tuple(sorted(int(i) for i in info.category_names))
-    program = _sample_program(key, ev.task, valid_ids, batch_sharding)
-    params = jax.device_put(params, sharding.replicated(mesh))
-    empty = jax.device_put(np.asarray(info.empty_context, np.float32), sharding.replicated(mesh))
-    put = lambda a: None if a is None else jax.device_put(a, batch_sharding)
-
-    def launch(indices: list[int]):
-        padded = indices + [indices[-1]] * (batch - len(indices))
-        batch_prompts = [prompts[i] for i in padded]
-        seeds = np.asarray([ev.seed + i for i in padded], np.uint32)
-        contexts = np.stack([p.context for p in batch_prompts])  # [B, T, D]
-        ids = np.stack([p.map for p in batch_prompts]) if has_map else None  # [B, M, M]
-        return indices, batch_prompts, program(params, put(seeds), put(contexts), empty, put(ids))
-
-    def finish(indices, batch_prompts, result) -> None:
-        result = jax.device_get(result)
-        n = len(indices)
-        images = info.decode_latents(np.asarray(result["x"][:n]))  # [n, H, W, 3] uint8
-        for j, i in enumerate(indices):
-            if needs_map:
-                ids = np.asarray(result["ids"][j]).astype(np.uint8)  # ids <= 200
-                text = {"invalid_pixels": str(int(result["invalid"][j]))}
-                _write_png(samples_dir / _name(i, "_map"), ids, text)
-            _write_png(samples_dir / _name(i), images[j], {"caption": batch_prompts[j].caption})
-
+    sampler = Sampler(
+        config.model, config.diffusion, config.sampler, info, params, batch_size=ev.batch_size
+    )
     t0 = time.perf_counter()
     desc = f"sampling ({ev.task})" + (
         f" process {jax.process_index()}" if jax.process_count() > 1 else ""
     )
-    pending = None
     with tqdm.tqdm(total=len(todo), unit="sample", desc=desc) as progress:
-        for lo in range(0, len(todo) + batch, batch):
-            launched = launch(todo[lo : lo + batch]) if lo < len(todo) else None
-            if pending is not None:  # host work overlaps the next batch on the devices
-                finish(*pending)
-                progress.update(len(pending[0]))
-            pending = launched
+        for lo in range(0, len(todo), sampler.batch_size):
+            indices = todo[lo : lo + sampler.batch_size]
+            batch_prompts = [prompts[i] for i in indices]
+            known = None
+            if ev.task == "given_map":
+                known = np.stack([p.map for p in batch_prompts])  # [B, M, M]
+            out = sampler(
+                [ev.seed + i for i in indices],
+                contexts=np.stack([p.context for p in batch_prompts]),  # [B, T, D]
+                task=ev.task,
+                known_maps=known,
+            )
+            for j, i in enumerate(indices):
+                if needs_map:
+                    ids = out.maps[j].astype(np.uint8)  # ids <= 200
+                    text = {"invalid_pixels": str(int(out.num_invalid[j]))}
+                    _write_png(samples_dir / _name(i, "_map"), ids, text)
+                caption = {"caption": batch_prompts[j].caption}
+                _write_png(samples_dir / _name(i), out.images[j], caption)
+            progress.update(len(indices))
     return len(todo), time.perf_counter() - t0
 
 
 def score_samples(
-    ev: ml_collections.ConfigDict,
+    ev: specs.EvalSpec,
     prompts: Any,
     world: Any,
     samples_dir: epath.Path,
@@ -464,7 +380,7 @@ def _gather(scores: dict[str, np.ndarray], eval_dir: epath.Path, task: str) -> d
 
 
 def summarise(
-    scores: dict[str, np.ndarray], ev: ml_collections.ConfigDict, eval_dir: epath.Path
+    scores: dict[str, np.ndarray], ev: specs.EvalSpec, eval_dir: epath.Path
 ) -> dict[str, float]:
     """Means of the per-sample scores, and the FID of the features.
 
@@ -487,11 +403,11 @@ def summarise(
     return metrics
 
 
-def run_evaluate(config: ml_collections.ConfigDict, workdir: str, *, info: Any = None) -> dict:
+def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
     """Evaluate mode (see the module docstring).
 
     Args:
-      config: the full config (``eval`` fields default to ``EVAL_DEFAULTS``).
+      config: the run's ``RunSpec`` (or the ``ConfigDict`` it is made from).
       workdir: the training run's directory.
       info: the dataset's ``pipeline.DatasetInfo`` (default: from ``config.data``); it
         decodes latents to images and names the categories.
@@ -499,11 +415,12 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str, *, info: Any =
     Returns:
       The evaluated task's metrics, as written to ``metrics.json``.
     """
+    config = specs.as_run_spec(config)
     ev = eval_settings(config)
     workdir = epath.Path(workdir)
-    params, step = load_eval_params(config, str(workdir), int(ev.step), bool(ev.use_ema))
+    params, step = load_params(str(workdir), ev.step, ev.use_ema, config.model)
     if info is None:
-        _, info = pipeline.create_source(config, "held_out")
+        _, info = pipeline.create_source(config.data, "held_out")
     prompts, world = eval_prompts(config)
     # Load the scorers first: a bad path fails before hours of sampling.
     extractor = embedder = None
@@ -511,27 +428,22 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str, *, info: Any =
         variables = reference_stats.load_inception_variables(ev.inception)
         extractor = reference_stats.InceptionFeatures(variables, ev.inception_batch_size)
     if ev.clip:
-        from pdm_jax.weights import clip as hf_clip
-
         embedder = hf_clip.load_clip_embedder(ev.clip, batch_size=int(ev.clip_batch_size))
     eval_dir = workdir / "eval" / str(step)
     samples_dir = eval_dir / f"samples_{ev.task}"
-    sampler = {k: v for k, v in config.sampler.to_dict().items() if k != "task"}
+    sampler = {k: v for k, v in dataclasses.asdict(config.sampler).items() if k != "task"}
     settings = {
         "step": step,
         "task": ev.task,
         "seed": int(ev.seed),
         "use_ema": bool(ev.use_ema),
         "sampler": sampler,
-        "model": config.model.to_dict(),
-        "diffusion": config.diffusion.to_dict(),
+        "model": dataclasses.asdict(config.model),
+        "diffusion": dataclasses.asdict(config.diffusion),
         "prompts": prompts.identity(),
     }
     _check_settings(samples_dir, settings)
-    mesh = sharding.create_mesh((-1,), (sharding.DATA_AXIS,), jax.local_devices())
-    generated, sample_seconds = generate_samples(
-        config, ev, prompts, info, params, samples_dir, mesh
-    )
+    generated, sample_seconds = generate_samples(config, ev, prompts, info, params, samples_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"pdm_eval_samples_{ev.task}")
     t0 = time.perf_counter()

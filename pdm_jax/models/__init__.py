@@ -13,7 +13,7 @@ like the official PyTorch state dicts (``in_blocks_3/attn/qkv/kernel`` ↔
 ``in_blocks.3.attn.qkv.weight``); see ``pdm_jax.convert.official``.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from pdm_jax.models.pdm import OneStreamPDM
+from pdm_jax.models.spec import ModelSpec
 from pdm_jax.models.two_stream import TwoStreamPDM, is_image_stream
 from pdm_jax.models.uvit import UViT, UViTSpec
 
@@ -30,6 +31,7 @@ MODELS = {"uvit": UViT, "one_stream": OneStreamPDM, "two_stream": TwoStreamPDM}
 
 __all__ = [
     "MODELS",
+    "ModelSpec",
     "OneStreamPDM",
     "TwoStreamPDM",
     "UViT",
@@ -37,6 +39,7 @@ __all__ = [
     "abstract_params",
     "build",
     "count_params",
+    "denoise_fn",
     "example_inputs",
     "image_stream_mask",
     "init_params",
@@ -52,7 +55,7 @@ def build(model_cfg: Any) -> nn.Module:
     """Builds the model named by ``model_cfg.name``.
 
     Args:
-      model_cfg: ``config.model`` (``name`` ∈ uvit | one_stream | two_stream, the
+      model_cfg: a ``ModelSpec`` (``name`` ∈ uvit | one_stream | two_stream, the
         ``UViTSpec`` fields, ``dtype`` and ``param_dtype`` as strings).
 
     Returns:
@@ -65,6 +68,16 @@ def build(model_cfg: Any) -> nn.Module:
         dtype=jnp.dtype(model_cfg.dtype),
         param_dtype=jnp.dtype(model_cfg.param_dtype),
     )
+
+
+def denoise_fn(model_cfg: Any) -> Callable:
+    """``(params, x_t, m_t, t, context)`` → the model's outputs (``apply`` with params)."""
+    module = build(model_cfg)
+
+    def denoise(params, x_t, m_t, t, context):
+        return module.apply({"params": params}, x_t, m_t, t, context)
+
+    return denoise
 
 
 def example_inputs(

@@ -18,17 +18,17 @@ import threading
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
 from pdm_jax import checkpointing, models
+from pdm_jax.specs import RunSpec
 from pdm_jax.train import state as state_lib
 
 
 def abstract_train_state(
-    config: ml_collections.ConfigDict, mesh: Mesh
+    config: RunSpec, mesh: Mesh
 ) -> tuple[state_lib.TrainState, state_lib.TrainState]:
     """The state's shapes with their shardings, and the sharding tree, without allocating."""
     abstract = jax.eval_shape(
@@ -41,7 +41,7 @@ def abstract_train_state(
     return target, shardings
 
 
-def initial_params_fn(config: ml_collections.ConfigDict, loaded: Any, where: str):
+def initial_params_fn(config: RunSpec, loaded: Any, where: str):
     """``(rng, loaded) -> params``: the loaded tree, or merged into a fresh two-stream one.
 
     Validates shapes eagerly, raising ``ConfigMismatchError`` listing the differences.
@@ -65,7 +65,7 @@ def initial_params_fn(config: ml_collections.ConfigDict, loaded: Any, where: str
 
 
 def restore_or_initialize(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     workdir: str | epath.Path,
     mesh: Mesh,
     manager: ocp.CheckpointManager,

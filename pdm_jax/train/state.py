@@ -13,11 +13,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import Mesh
 
 from pdm_jax import models, sharding
+from pdm_jax.specs import RunSpec
 
 
 @flax.struct.dataclass
@@ -34,20 +34,20 @@ class TrainState:
 LR_DECAYS = ("constant", "cosine")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(config: RunSpec) -> optax.Schedule:
     """Linear warm-up from 0 over ``optim.warmup_steps``, then ``optim.decay``.
 
     ``constant`` is the official recipe. ``cosine`` anneals from the peak to
     ``optim.final_lr_fraction`` × peak at ``train.num_train_steps``.
 
     Args:
-      config: the full config (``optim``, and ``train.num_train_steps`` for ``cosine``).
+      config: the run's spec (``optim``, and ``train.num_train_steps`` for ``cosine``).
 
     Returns:
       step → learning rate.
     """
     o = config.optim
-    decay = o.get("decay", "constant")
+    decay = o.decay
     peak, warmup = float(o.learning_rate), max(int(o.warmup_steps), 0)
     if decay == "constant":
         after = optax.constant_schedule(peak)
@@ -61,15 +61,15 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def trainable_labels(config: ml_collections.ConfigDict, params: Any) -> Any:
+def trainable_labels(config: RunSpec, params: Any) -> Any:
     """``"train"``/``"frozen"`` label per parameter leaf."""
-    if config.ckpt.get("freeze_image_stream", False) and config.model.name == "two_stream":
+    if config.ckpt.freeze_image_stream and config.model.name == "two_stream":
         frozen = models.image_stream_mask(params)
         return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     return jax.tree.map(lambda _: "train", params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+def make_optimizer(config: RunSpec, params: Any) -> optax.GradientTransformation:
     """AdamW (official hyperparameters) on trainable leaves, nothing on frozen ones."""
     o = config.optim
     chain = []
@@ -90,7 +90,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
 
 
 def init_train_state(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     rng: jax.Array,
     params: Any | None = None,
 ) -> TrainState:
@@ -114,7 +114,7 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     rng: jax.Array,
     mesh: Mesh,
     init_fn: Callable[[jax.Array], TrainState] | None = None,
@@ -122,7 +122,7 @@ def create_train_state(
     """Creates the state directly in its sharded layout.
 
     Args:
-      config: the full config.
+      config: the run's spec.
       rng: PRNG key.
       mesh: device mesh.
       init_fn: ``rng -> TrainState`` (default ``init_train_state``), e.g. to start from

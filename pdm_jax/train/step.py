@@ -12,33 +12,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax.sharding import Mesh
 
 from pdm_jax import models, sharding
 from pdm_jax.diffusion import analog_bits, losses
-from pdm_jax.diffusion.schedules import VPSchedule, discrete_sd_schedule
+from pdm_jax.diffusion.schedules import VPSchedule
+from pdm_jax.models.spec import ModelSpec
+from pdm_jax.specs import RunSpec
 from pdm_jax.train.state import TrainState, learning_rate_schedule, make_optimizer, trainable_labels
-
-
-def make_denoise_fn(model_cfg: ml_collections.ConfigDict) -> Callable:
-    """``(params, x_t, m_t, t, context)`` → model outputs, for the configured model."""
-    module = models.build(model_cfg)
-
-    def denoise(params, x_t, m_t, t, context):
-        return module.apply({"params": params}, x_t, m_t, t, context)
-
-    return denoise
-
-
-def schedule_from_config(diffusion_cfg: ml_collections.ConfigDict) -> VPSchedule:
-    """The discrete SD schedule named by ``config.diffusion``."""
-    return discrete_sd_schedule(
-        beta_start=diffusion_cfg.beta_start,
-        beta_end=diffusion_cfg.beta_end,
-        num_timesteps=diffusion_cfg.num_timesteps,
-    )
 
 
 def train_step(
@@ -49,7 +31,7 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: VPSchedule,
     empty_context: jax.Array,
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the joint loss.
 
@@ -121,7 +103,7 @@ def train_step(
 CPU_REMAT_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
-def compiler_options(model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, str] | None:
+def compiler_options(model_cfg: ModelSpec, mesh: Mesh) -> dict[str, str] | None:
     """XLA options for a differentiated program of this model on this mesh.
 
     Args:
@@ -137,7 +119,7 @@ def compiler_options(model_cfg: ml_collections.ConfigDict, mesh: Mesh) -> dict[s
 
 
 def jit_train_step(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     mesh: Mesh,
     state_shardings: TrainState,
     params: Any,
@@ -146,9 +128,9 @@ def jit_train_step(
     """Binds and jits ``train_step`` once: state donated, batch sharded over ``data``."""
     step_fn = functools.partial(
         train_step,
-        denoise_fn=make_denoise_fn(config.model),
+        denoise_fn=models.denoise_fn(config.model),
         tx=make_optimizer(config, params),
-        schedule=schedule_from_config(config.diffusion),
+        schedule=config.diffusion.schedule(),
         empty_context=jnp.asarray(empty_context),
         config=config,
     )

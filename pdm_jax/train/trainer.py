@@ -18,20 +18,19 @@ or Inf stops training with ``NonFiniteLossError`` naming the step, so the last c
 on disk is always a finite one.
 """
 
-import json
 import logging
 import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from pdm_jax import checkpointing, sharding, visualize
+from pdm_jax import checkpointing, sharding, specs, visualize
 from pdm_jax.data import pipeline
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.data.schema import DatasetInfo
+from pdm_jax.sampling.sampler import Sampler
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import step as step_lib
 from pdm_jax.train.state import TrainState
@@ -89,13 +88,14 @@ class _MetricBuffer:
 
 
 def _write_sample_grid(
-    sampler: sample_mode.Sampler,
+    sampler: Sampler,
     state: TrainState,
-    info: pipeline.DatasetInfo,
+    info: DatasetInfo,
     path: epath.Path,
 ) -> None:
     prompts = list(info.eval_prompts)
-    samples = sampler(state.ema_params, prompts, list(range(len(prompts))))
+    sampler.set_params(state.ema_params)
+    samples = sampler(list(range(len(prompts))), captions=prompts, task="cogenerate")
     if jax.process_index() == 0:  # every process samples (the params span them all)
         grid = visualize.sample_grid(
             prompts, samples.images, samples.maps, info.category_names, info.colour_table
@@ -103,11 +103,11 @@ def _write_sample_grid(
         visualize.save_png(path, grid)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     """Trains ``config`` in ``workdir`` until ``train.num_train_steps``.
 
     Args:
-      config: the full config.
+      config: the run's ``RunSpec`` (or the ``ConfigDict`` it is made from).
       workdir: run directory (checkpoints, TensorBoard events, sample grids).
 
     Returns:
@@ -119,10 +119,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    config = specs.as_run_spec(config)
     t = config.train
     mesh = sharding.create_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes)
-    source, info = pipeline.create_source(config, "train")
-    data_iter = iter(pipeline.create_loader(source, config))
+    source, info = pipeline.create_source(config.data, "train")
+    data_iter = iter(pipeline.create_loader(source, config.data, batch_size=t.batch_size))
     manager = checkpointing.create_manager(
         checkpointing.checkpoint_dir(workdir),
         max_to_keep=config.ckpt.max_to_keep,
@@ -148,11 +149,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     sampler = None
     if t.eval_every_steps > 0 and info.eval_prompts:
-        sampler = sample_mode.Sampler(
-            config, info, task="cogenerate", batch_size=len(info.eval_prompts)
+        sampler = Sampler(
+            config.model,
+            config.diffusion,
+            config.sampler,
+            info,
+            state.ema_params,
+            mesh=mesh,
+            batch_size=len(info.eval_prompts),
         )
     buffer = _MetricBuffer()
-    config_json = json.loads(config.to_json_best_effort())
+    config_json = config.to_dict()
     ckpt_dir = str(checkpointing.checkpoint_dir(workdir))
     tick, tick_step = time.perf_counter(), start
 
@@ -203,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _flat_hparams(config: specs.RunSpec) -> dict[str, Any]:
     """Config as ``{"a.b": scalar}`` for TensorBoard's hparams plugin."""
     out = {}
 

@@ -6,7 +6,7 @@ import pytest
 from flax import traverse_util
 
 from configs import pdm as pdm_configs
-from pdm_jax import checkpointing, models
+from pdm_jax import checkpointing, models, specs
 from pdm_jax.convert import official
 from pdm_jax.convert.__main__ import convert
 from pdm_jax.train import init as init_lib
@@ -51,7 +51,9 @@ def test_uvit_checkpoint_initialises_the_two_stream_image_stream(tmp_path):
     convert(["uvit", "--input", str(path), "--output", str(out), "--config", UVIT])
     two_cfg = pdm_configs.get_config("two_stream,tiny=1")
     loaded, where = checkpointing.load_params(out)
-    merged = init_lib.initial_params_fn(two_cfg, loaded, where)(jax.random.key(0), loaded)
+    merged = init_lib.initial_params_fn(specs.from_config(two_cfg), loaded, where)(
+        jax.random.key(0), loaded
+    )
     flat = traverse_util.flatten_dict(merged)
     for key, value in traverse_util.flatten_dict(uvit_params).items():
         np.testing.assert_array_equal(flat[key], value, err_msg="/".join(key))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from configs import pdm as pdm_configs
+from pdm_jax import specs
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import maps
 
@@ -74,18 +75,35 @@ def _first_batches(loader, n):
 
 def test_loader_schema_and_seeded_order():
     config = _tiny_config()
-    source, _ = pipeline.create_source(config)
-    batches = _first_batches(pipeline.create_loader(source, config), 2)
+    source, _ = pipeline.create_source(specs.from_config(config).data)
+    batches = _first_batches(
+        pipeline.create_loader(
+            source, specs.from_config(config).data, batch_size=config.train.batch_size
+        ),
+        2,
+    )
     b = batches[0]
     m = config.model
     assert b["latent"].shape == (8, m.img_size, m.img_size, m.in_chans)
     assert b["map"].shape == (8, m.img_size, m.img_size) and b["map"].dtype == np.int32
     assert b["context"].shape == (8, m.num_clip_token, m.clip_dim)
-    again = _first_batches(pipeline.create_loader(source, config), 2)
+    again = _first_batches(
+        pipeline.create_loader(
+            source, specs.from_config(config).data, batch_size=config.train.batch_size
+        ),
+        2,
+    )
     for x, y in zip(batches, again, strict=True):
         np.testing.assert_array_equal(x["latent"], y["latent"])
     config.data.seed = 1
-    other = _first_batches(pipeline.create_loader(pipeline.create_source(config)[0], config), 1)
+    other = _first_batches(
+        pipeline.create_loader(
+            pipeline.create_source(specs.from_config(config).data)[0],
+            specs.from_config(config).data,
+            batch_size=config.train.batch_size,
+        ),
+        1,
+    )
     assert not np.array_equal(other[0]["latent"], batches[0]["latent"])
 
 
@@ -94,7 +112,9 @@ def test_loader_iterator_state_resumes_exactly():
     source = _ToySource(n=40)
     config.model.img_size = 8
     config.model.map_patch_factor = 1
-    loader = pipeline.create_loader(source, config)
+    loader = pipeline.create_loader(
+        source, specs.from_config(config).data, batch_size=config.train.batch_size
+    )
     it = iter(loader)
     for _ in range(3):
         next(it)
@@ -122,16 +142,23 @@ def test_unknown_source_lists_the_available_ones():
     config = _tiny_config()
     config.data.source = "imagenet"
     with pytest.raises(ValueError, match="available: \\['coco', 'synthetic'\\]"):
-        pipeline.create_source(config)
+        pipeline.create_source(specs.from_config(config).data)
 
 
 @pytest.mark.slow
 def test_worker_processes_read_the_same_records_and_resume():
     config = _tiny_config()
-    source, _ = pipeline.create_source(config)
-    inline = _first_batches(pipeline.create_loader(source, config), 2)
+    source, _ = pipeline.create_source(specs.from_config(config).data)
+    inline = _first_batches(
+        pipeline.create_loader(
+            source, specs.from_config(config).data, batch_size=config.train.batch_size
+        ),
+        2,
+    )
     config.data.num_workers = 2
-    loader = pipeline.create_loader(source, config)
+    loader = pipeline.create_loader(
+        source, specs.from_config(config).data, batch_size=config.train.batch_size
+    )
     it = iter(loader)
     workers = [next(it) for _ in range(2)]
     state = it.get_state()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs.pdm import get_config
+from pdm_jax import specs
 from pdm_jax.data import pipeline
 from pdm_jax.data.coco import encoders as coco_encoders
 from pdm_jax.data.coco import panoptic as coco
@@ -180,8 +181,10 @@ def _config(out):
 def test_trainer_pipeline_reads_prepared_coco(prepared):
     out, _ = prepared
     config = _config(out)
-    source = coco_source.coco_source_from_config(config, "held_out")
-    loader = pipeline.create_loader(source, config)
+    source = coco_source.coco_source_from_spec(specs.from_config(config).data, "held_out")
+    loader = pipeline.create_loader(
+        source, specs.from_config(config).data, batch_size=config.train.batch_size
+    )
     it = iter(loader)
     batch = next(it)
     assert batch["latent"].shape == (8, 32, 32, 4) and batch["latent"].dtype == np.float32
@@ -199,14 +202,14 @@ def test_trainer_pipeline_reads_prepared_coco(prepared):
 
     config.data.latent_scale = 0.18215
     with pytest.raises(ValueError, match=re.escape("--config.data.latent_scale=0.2301")):
-        coco_source.coco_source_from_config(config, "val")
+        coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
     config = _config(out)
     config.model.clip_dim = 768
     with pytest.raises(ValueError, match="context_shape"):
-        coco_source.coco_source_from_config(config, "val")
+        coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
     config = _config("")
     with pytest.raises(ValueError, match=re.escape("--config.data.dir")):
-        coco_source.coco_source_from_config(config, "val")
+        coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
 
 
 class _FailingEncoder:

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+from pdm_jax import specs
 from pdm_jax.data.synthetic import dataset as sy
 from pdm_jax.data.synthetic import oracle
 from pdm_jax.data.synthetic import text as st
@@ -224,13 +225,15 @@ def test_autoencoder_round_trip(small):
         sy.PixelAutoencoder(8, in_chans=1)
 
 
-def test_from_config_reads_project_config():
-    cfg = sy.SyntheticWorldConfig.from_config(_load_project_config("demo"))
+def test_from_data_spec_reads_project_config():
+    cfg = sy.SyntheticWorldConfig.from_data_spec(
+        specs.from_config(_load_project_config("demo")).data
+    )
     assert (cfg.latent_size, cfg.map_size, cfg.image_size, cfg.in_chans) == (16, 16, 64, 3)
     assert (cfg.num_clip_token, cfg.clip_dim, cfg.seed) == (16, 64, 0)
     tiny = _load_project_config("one_stream,tiny=1,map_patch_factor=4")
     tiny.data.seed = 5
-    cfg = sy.SyntheticWorldConfig.from_config(tiny, noise_std=0.0)
+    cfg = sy.SyntheticWorldConfig.from_data_spec(specs.from_config(tiny).data, noise_std=0.0)
     assert (cfg.latent_size, cfg.map_size, cfg.in_chans, cfg.seed) == (8, 32, 4, 5)
     assert cfg.image_size == 64 and cfg.noise_std == 0.0
     with pytest.raises(ValueError, match="multiple"):

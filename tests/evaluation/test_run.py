@@ -13,18 +13,19 @@ import pytest
 from PIL import Image
 
 from configs.pdm import get_config
-from pdm_jax import checkpointing, sharding
+from pdm_jax import checkpointing, sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.data.coco import prepare as prepare_coco
 from pdm_jax.data.coco import source as coco_source
+from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.diffusion import maps
 from pdm_jax.evaluation import clip_score, fid
 from pdm_jax.evaluation import mcd as mcd_lib
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.models import inception
 from pdm_jax.models.clip import ClipConfig, CLIPModel, ClipTextConfig, ClipVisionConfig
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.sampling.sampler import Sampler
 from pdm_jax.train import state as state_lib
 from tests.data import fake_coco
 from tests.evaluation.test_inception import random_state_dict
@@ -41,7 +42,9 @@ SYNTHETIC_METRICS = {
 def _save_fresh_checkpoint(config: ml_collections.ConfigDict, workdir) -> None:
     """A freshly initialised train state saved with the trainer's checkpoint API (step 0)."""
     mesh = sharding.create_mesh((-1,), (sharding.DATA_AXIS,))
-    state, _ = state_lib.create_train_state(config, jax.random.key(config.seed), mesh)
+    state, _ = state_lib.create_train_state(
+        specs.from_config(config), jax.random.key(config.seed), mesh
+    )
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(workdir), async_save=False)
     checkpointing.save(manager, state, config=config.to_dict())
     manager.wait_until_finished()
@@ -79,7 +82,7 @@ def test_synthetic_metrics_match_a_recomputation_from_the_sample_files(synthetic
     samples = eval_dir / "samples_cogenerate"
     images = np.stack([_read(samples / f"{i:06d}.png") for i in range(12)])
     gen_maps = np.stack([_read(samples / f"{i:06d}_map.png") for i in range(12)]).astype(np.int32)
-    world = pipeline.synthetic_world(config)
+    world = synthetic.synthetic_world(specs.from_config(config).data)
     ref = world.held_out_prompts(12)
     np.testing.assert_allclose(
         metrics["mcd"], mcd_lib.mean_count_difference(ref["map"], gen_maps), rtol=1e-12
@@ -102,11 +105,13 @@ def test_samples_equal_sample_mode_with_the_same_seeds(synthetic_run):
     # batch size, no sharding) must draw the same images and maps.
     config, workdir, _ = synthetic_run
     params, _ = checkpointing.load_params(str(workdir))
-    _, info = pipeline.create_source(config, "held_out")
-    captions = pipeline.synthetic_world(config).held_out_prompts(3)["caption"]
-    out = sample_mode.Sampler(config, info, task="cogenerate", batch_size=3)(
-        params, captions, [5, 6, 7]
-    )
+    _, info = pipeline.create_source(specs.from_config(config).data, "held_out")
+    captions = synthetic.synthetic_world(specs.from_config(config).data).held_out_prompts(3)[
+        "caption"
+    ]
+    run = specs.from_config(config)
+    sampler = Sampler(run.model, run.diffusion, run.sampler, info, params, batch_size=3)
+    out = sampler([5, 6, 7], captions=captions, task="cogenerate")
     samples = workdir / "eval" / "0" / "samples_cogenerate"
     for i in range(3):
         np.testing.assert_array_equal(_read(samples / f"{i:06d}.png"), out.images[i])
@@ -156,7 +161,7 @@ def test_given_map_task_scores_the_oracle_reading_of_the_image(synthetic_run):
     samples = workdir / "eval" / "0" / "samples_given_map"
     assert not list(samples.glob("*_map.png"))
     images = np.stack([_read(samples / f"{i:06d}.png") for i in range(12)])
-    world = pipeline.synthetic_world(config)
+    world = synthetic.synthetic_world(specs.from_config(config).data)
     ref = world.held_out_prompts(12)
     seg = world.segment(images, ref["map"].shape[-1])
     assert {"mcd", "map_image_agreement", "caption_recall"} <= metrics.keys()
@@ -193,21 +198,23 @@ def test_host_slices_partition_the_indices():
 
 def test_eval_settings_defaults_and_errors(tmp_path):
     config = get_config("demo,tiny=1")
-    ev = evaluate.eval_settings(config)
+    ev = evaluate.eval_settings(specs.from_config(config))
     assert ev.num_samples == evaluate.DEFAULT_NUM_SAMPLES["synthetic"] and ev.step == -1
-    config.eval = ml_collections.ConfigDict({"num_sample": 3})
+    bad = get_config("demo,tiny=1")
+    bad.eval = ml_collections.ConfigDict({**config.eval.to_dict(), "num_sample": 3})
     with pytest.raises(ValueError, match="num_sample"):
-        evaluate.eval_settings(config)
-    config.eval = ml_collections.ConfigDict({"inception": str(tmp_path)})
+        evaluate.eval_settings(specs.from_config(bad))
+    config.eval.inception = str(tmp_path)
     with pytest.raises(ValueError, match="fid_stats"):
-        evaluate.eval_settings(config)
-    config.eval = ml_collections.ConfigDict({"clip": str(tmp_path / "nope")})
+        evaluate.eval_settings(specs.from_config(config))
+    config.eval.inception = ""
+    config.eval.clip = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="nope"):
-        evaluate.eval_settings(config)
+        evaluate.eval_settings(specs.from_config(config))
     uvit = get_config("uvit,tiny=1")
-    uvit.eval = ml_collections.ConfigDict({"task": "given_map"})
+    uvit.eval.task = "given_map"
     with pytest.raises(ValueError, match="PDM"):
-        evaluate.eval_settings(uvit)
+        evaluate.eval_settings(specs.from_config(uvit))
 
 
 # COCO-shaped data: prepare_coco output from the fake COCO tree with block-mean "VAE" moments
@@ -314,7 +321,7 @@ def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
         }
     )
     _save_fresh_checkpoint(config, tmp_path)
-    source = coco_source.coco_source_from_config(config, "val")
+    source = coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
     info = pipeline.DatasetInfo(
         empty_context=source.empty_context,
         encode_text=_HashedContexts(),

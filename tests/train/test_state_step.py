@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from configs import pdm as pdm_configs
-from pdm_jax import models, sharding
+from pdm_jax import models, sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits, losses
 from pdm_jax.train import state as state_lib
@@ -28,8 +28,17 @@ def _config(arg="demo,tiny=1"):
 def _host_batch(arg="demo,tiny=1"):
     """8 synthetic-world examples in the training schema (the same for every call)."""
     config = _config(arg)
-    source, info = pipeline.create_source(config)
-    batch = next(iter(pipeline.create_loader(source, config, shuffle=False)))
+    source, info = pipeline.create_source(specs.from_config(config).data)
+    batch = next(
+        iter(
+            pipeline.create_loader(
+                source,
+                specs.from_config(config).data,
+                batch_size=config.train.batch_size,
+                shuffle=False,
+            )
+        )
+    )
     return batch, info.empty_context
 
 
@@ -38,7 +47,9 @@ def _initial(devices=8):
     """(config, mesh, state, shardings) of the tiny demo model; initialised once per mesh."""
     config = _config()
     mesh = sharding.create_mesh((devices,), ("data",), devices=jax.devices()[:devices])
-    state, shardings = state_lib.create_train_state(config, jax.random.key(0), mesh)
+    state, shardings = state_lib.create_train_state(
+        specs.from_config(config), jax.random.key(0), mesh
+    )
     return config, mesh, state, shardings
 
 
@@ -47,7 +58,9 @@ def _setup(config=None, devices=8):
     default, mesh, state, shardings = _initial(devices)
     config = config or default
     batch, empty = _host_batch()
-    step_fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+    step_fn = step_lib.jit_train_step(
+        specs.from_config(config), mesh, shardings, state.params, empty
+    )
     return jax.tree.map(jnp.copy, state), step_fn, sharding.shard_batch(batch, mesh)
 
 
@@ -89,14 +102,14 @@ def test_train_step_traces_once(monkeypatch):
 def _fixed_loss(config, params, batch, empty):
     """The loss on ``batch`` with fixed noise, steps and dropout (comparable across params)."""
     terms = losses.pdm_loss_terms(
-        step_lib.make_denoise_fn(config.model),
+        models.denoise_fn(config.model),
         params,
         jax.random.key(123),
         batch["latent"],
         analog_bits.ids_to_bits(batch["map"]),
         batch["context"],
         jnp.asarray(empty),
-        step_lib.schedule_from_config(config.diffusion),
+        specs.from_config(config).diffusion.schedule(),
         map_noise_std=config.diffusion.map_noise_std,
         p_uncond=0.0,
     )
@@ -120,9 +133,13 @@ def test_frozen_image_stream_gets_no_update_map_stream_does():
     assert config.ckpt.freeze_image_stream and config.model.name == "two_stream"
     config.model.update(in_chans=3, clip_dim=16, num_clip_token=4, map_patch_factor=1)
     mesh = sharding.create_mesh()
-    state, shardings = state_lib.create_train_state(config, jax.random.key(0), mesh)
+    state, shardings = state_lib.create_train_state(
+        specs.from_config(config), jax.random.key(0), mesh
+    )
     batch, empty = _host_batch()
-    step_fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+    step_fn = step_lib.jit_train_step(
+        specs.from_config(config), mesh, shardings, state.params, empty
+    )
     before = jax.device_get(state.params)
     state, _ = step_fn(state, sharding.shard_batch(batch, mesh))
     after = jax.device_get(state.params)
@@ -167,7 +184,7 @@ def test_remat_takes_effect_on_cpu():
         config.model.remat_policy = policy
         options = step_lib.compiler_options(config.model, mesh)
         assert (options is None) == (policy == "none")
-        denoise = step_lib.make_denoise_fn(config.model)
+        denoise = models.denoise_fn(config.model)
         m = config.model
         x = jnp.zeros((8, m.img_size, m.img_size, m.in_chans))
         side = m.img_size * m.map_patch_factor
@@ -189,12 +206,12 @@ def test_learning_rate_schedules():
     c = _config()
     c.optim.update(learning_rate=1e-3, warmup_steps=10)
     c.train.num_train_steps = 110
-    constant = state_lib.learning_rate_schedule(c)
+    constant = state_lib.learning_rate_schedule(specs.from_config(c))
     np.testing.assert_allclose(
         [constant(s) for s in (0, 5, 10, 60, 110)], [0, 5e-4, 1e-3, 1e-3, 1e-3]
     )
     c.optim.update(decay="cosine", final_lr_fraction=0.1)
-    cosine = state_lib.learning_rate_schedule(c)
+    cosine = state_lib.learning_rate_schedule(specs.from_config(c))
     # Warm-up, then 1e-3 · (0.1 + 0.9 · (1 + cos(π · (s − 10) / 100)) / 2).
     want = [
         1e-3 * (0.1 + 0.9 * (1 + np.cos(np.pi * (s - 10) / 100)) / 2) for s in (10, 35, 60, 110)
@@ -202,4 +219,4 @@ def test_learning_rate_schedules():
     np.testing.assert_allclose([cosine(s) for s in (5, 10, 35, 60, 110)], [5e-4, *want], rtol=1e-6)
     c.optim.decay = "linear"
     with pytest.raises(ValueError, match=r"optim\.decay"):
-        state_lib.learning_rate_schedule(c)
+        state_lib.learning_rate_schedule(specs.from_config(c))

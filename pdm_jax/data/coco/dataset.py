@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from pdm_jax.data.coco import panoptic as coco
-from pdm_jax.data.coco.source import coco_source_from_config
+from pdm_jax.data.coco.source import coco_source_from_spec
+from pdm_jax.data.schema import DatasetInfo, DataSpec
+from pdm_jax.weights.clip import load_text_encoder
+from pdm_jax.weights.vae import load_vae
 
 SPLITS = {"train": "train", "held_out": "val", "val": "val", "eval": "val"}
 
@@ -37,8 +39,6 @@ class _LazyVAE:
                 "<autoencoder_kl.pth, a diffusers vae/ directory or a `pdm_jax.convert vae` "
                 "output>."
             )
-        from pdm_jax.weights.vae import load_vae
-
         module, params = load_vae(self.path)
         encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode_moments"))
         decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
@@ -72,37 +72,32 @@ class _LazyText:
                 "--config.data.clip)=<local clip-vit-large-patch14 directory or a "
                 "`pdm_jax.convert clip_text` output>."
             )
-        from pdm_jax.weights.clip import load_text_encoder
-
         return load_text_encoder(self.path)
 
     def __call__(self, captions: Sequence[str]) -> np.ndarray:
         return np.asarray(self._encoder.encode(list(captions)), np.float32)
 
 
-def coco_dataset(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Any]:
-    """``(source, DatasetInfo)`` for ``config.data.source == "coco"``.
+def coco_dataset(data: DataSpec, split: str) -> tuple[Any, DatasetInfo]:
+    """``(source, DatasetInfo)`` for ``data.source == "coco"``.
 
     Args:
-      config: the full config (``data.dir``, ``data.vae``, ``data.clip``,
-        ``data.latent_scale``, the model sizes).
+      data: the run's ``DataSpec`` (``dir``, ``vae``, ``clip``, ``latent_scale``, sizes).
       split: ``train``, or ``held_out``/``val``/``eval`` for the validation split.
 
     Returns:
       The grain source over the prepared shards and the dataset description the trainer,
       sample mode and evaluation use.
     """
-    from pdm_jax.data.pipeline import DatasetInfo  # the pipeline registers this function
-
     if split not in SPLITS:
         raise ValueError(f"Unknown COCO split {split!r}; choose one of {sorted(SPLITS)}.")
-    source = coco_source_from_config(config, SPLITS[split])
-    vae = _LazyVAE(str(config.data.get("vae", "")), float(config.data.latent_scale))
-    num_eval = int(config.train.get("num_eval_prompts", 8))
-    prompts = tuple(source.record(i)["captions"][0] for i in range(min(num_eval, len(source))))
+    source = coco_source_from_spec(data, SPLITS[split])
+    vae = _LazyVAE(data.vae, data.latent_scale)
+    num_eval = min(data.num_eval_prompts, len(source))
+    prompts = tuple(source.record(i)["captions"][0] for i in range(num_eval))
     info = DatasetInfo(
         empty_context=np.asarray(source.empty_context, np.float32),
-        encode_text=_LazyText(str(config.data.get("clip", ""))),
+        encode_text=_LazyText(data.clip),
         encode_images=vae.encode,
         decode_latents=vae.decode,
         category_names=coco.category_names(),
@@ -112,7 +107,7 @@ def coco_dataset(config: ml_collections.ConfigDict, split: str) -> tuple[Any, An
     return source, info
 
 
-def encoder_info(config: ml_collections.ConfigDict) -> Any:
+def encoder_info(data: DataSpec) -> DatasetInfo:
     """The ``DatasetInfo`` of COCO without prepared data: sampling from raw prompts.
 
     The unconditional context is the CLIP encoding of ``""``, which is what ``prepare_coco``
@@ -120,8 +115,7 @@ def encoder_info(config: ml_collections.ConfigDict) -> Any:
     same CLIP. There are no evaluation prompts.
 
     Args:
-      config: the full config (``data.clip``, ``data.vae``, ``data.latent_scale``, the
-        model's ``num_clip_token`` and ``clip_dim``).
+      data: the run's ``DataSpec`` (``clip``, ``vae``, ``latent_scale``, context shape).
 
     Returns:
       The dataset description sample mode uses.
@@ -130,18 +124,16 @@ def encoder_info(config: ml_collections.ConfigDict) -> Any:
       FileNotFoundError: when ``data.clip`` is unset or missing.
       ValueError: when the CLIP context shape is not the model's.
     """
-    from pdm_jax.data.pipeline import DatasetInfo
-
-    text = _LazyText(str(config.data.get("clip", "")))
+    text = _LazyText(data.clip)
     empty = text([""])[0]  # [T, D]
-    want = (int(config.model.num_clip_token), int(config.model.clip_dim))
+    want = (data.num_clip_token, data.clip_dim)
     if empty.shape != want:
         raise ValueError(
             f"The CLIP text encoder at {text.path} gives contexts of shape {empty.shape}, but "
             f"the model takes {want} (model.num_clip_token, model.clip_dim); pass the CLIP the "
             "model was trained with."
         )
-    vae = _LazyVAE(str(config.data.get("vae", "")), float(config.data.latent_scale))
+    vae = _LazyVAE(data.vae, data.latent_scale)
     return DatasetInfo(
         empty_context=empty,
         encode_text=text,

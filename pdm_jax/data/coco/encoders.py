@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from pdm_jax.data.coco import panoptic as coco
+from pdm_jax.models import clip_embed, vae
 
 
 class ImageEncoder(Protocol):
@@ -92,8 +93,6 @@ class VaeMoments:
         batch_size: images per device call (rounded up to the local device count).
         path: checkpoint path, recorded in the identity.
         """
-        from pdm_jax.models import vae
-
         self._encode = vae.encode_moments
         self.module = module
         self._batch, replicated, ndev = _local_sharding()
@@ -142,8 +141,6 @@ class ClipContexts:
         batch_size: captions per device call (rounded to the local device count).
         path: checkpoint path, recorded in the identity.
         """
-        from pdm_jax.models import clip_embed
-
         self._tokenize = lambda captions: clip_embed.tokenize(
             tokenizer, captions, module.config.max_position_embeddings
         )

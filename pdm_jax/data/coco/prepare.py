@@ -37,6 +37,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from pdm_jax.data.coco import encoders, records
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.diffusion import maps
+from pdm_jax.weights import clip as hf_clip
+from pdm_jax.weights import vae as vae_convert
 
 LOGVAR_RANGE = (-30.0, 20.0)  # as the KL autoencoder's DiagonalGaussianDistribution
 CONTEXT_DTYPES = ("float16", "float32")
@@ -363,9 +365,6 @@ def main(argv: Sequence[str]) -> None:
     for name in ("coco_dir", "output_dir", "vae", "clip"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
-    from pdm_jax.weights import clip as hf_clip
-    from pdm_jax.weights import vae as vae_convert
-
     dtype = jnp.dtype(FLAGS.compute_dtype)
     module, params = vae_convert.load_vae(FLAGS.vae, dtype=dtype)
     if FLAGS.scale_factor is not None:

@@ -14,7 +14,7 @@ grain's ``ArrayRecordDataSource`` and decodes one record per index. Two record v
       caption  str                that caption
       image_id int
 
-* ``sample_latent=False`` (what the trainer uses, :func:`coco_source_from_config`): the
+* ``sample_latent=False`` (what the trainer uses, :func:`coco_source_from_spec`): the
   moments view of ``pdm_jax.data.pipeline`` — ``moments`` float32 [S, S, 2C] (mean then
   logvar on the channel axis), ``contexts`` [K, T, D] in the stored dtype (float16 unless
   prepared with ``--context_dtype=float32``), ``map``, ``captions``,
@@ -39,11 +39,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import grain
-import ml_collections
 import numpy as np
 
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.data.coco import records
+from pdm_jax.data.schema import DataSpec
 from pdm_jax.diffusion import maps
 
 # Names other parts of pdm_jax use for the evaluation split.
@@ -172,52 +172,49 @@ class CocoSource:
         )
 
 
-def coco_source_from_config(config: ml_collections.ConfigDict, split: str = "train") -> CocoSource:
-    """The trainer's COCO source: ``config.data.dir``, the model's map side, moments view.
+def coco_source_from_spec(data: DataSpec, split: str = "train") -> CocoSource:
+    """The trainer's COCO source: ``data.dir``, the model's map side, moments view.
 
     Args:
-      config: the full config (``data.dir``, ``data.latent_scale``, ``data.seed``,
-        ``model.name``, ``model.img_size``, ``model.map_patch_factor``,
-        ``diffusion.map_pooling``).
+      data: the run's ``DataSpec`` (``dir``, ``latent_scale``, ``seed``, the model's sizes,
+        ``map_pooling``).
       split: ``train`` or ``val``.
 
     Returns:
       A :class:`CocoSource` with ``sample_latent=False`` (the pipeline draws latents).
 
     Raises:
-      ValueError: when ``config.data.dir`` is unset or the data disagrees with the config
+      ValueError: when ``data.dir`` is unset or the data disagrees with the spec
         (latent shape, context shape, latent scale, pooling).
     """
-    if not config.data.dir:
+    if not data.dir:
         raise ValueError(
             "config.data.dir is empty: pass --config.data.dir=<prepare_coco --output_dir>."
         )
-    m = config.model
-    map_size = None if m.name == "uvit" else int(m.img_size * m.map_patch_factor)
     source = CocoSource(
-        config.data.dir,
+        data.dir,
         split,
-        map_size=map_size,
-        map_pooling=config.diffusion.map_pooling,
-        latent_scale=float(config.data.latent_scale),
-        seed=int(config.data.seed),
+        map_size=data.map_size or None,
+        map_pooling=data.map_pooling,
+        latent_scale=data.latent_scale,
+        seed=data.seed,
         sample_latent=False,
     )
     meta = source.metadata
     expected = {
-        "latent_shape": [m.img_size, m.img_size, m.in_chans],
-        "context_shape": [m.num_clip_token, m.clip_dim],
+        "latent_shape": [data.latent_size, data.latent_size, data.latent_channels],
+        "context_shape": [data.num_clip_token, data.clip_dim],
     }
     for key, want in expected.items():
         if list(meta[key]) != want:
             raise ValueError(
-                f"{config.data.dir} has {key} {meta[key]} but the model expects {want}; "
+                f"{data.dir} has {key} {meta[key]} but the model expects {want}; "
                 "prepare the data with matching encoders or change the model config."
             )
     scale = float(meta["vae"]["scale_factor"])
     if not np.isclose(scale, source.latent_scale, rtol=1e-6):
         raise ValueError(
-            f"{config.data.dir} was encoded with a VAE whose scale factor is {scale}, but "
+            f"{data.dir} was encoded with a VAE whose scale factor is {scale}, but "
             f"config.data.latent_scale={source.latent_scale}; pass "
             f"--config.data.latent_scale={scale}."
         )

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pdm_jax.data.schema import DatasetInfo, DataSpec
 from pdm_jax.data.synthetic import oracle, text, world
 
 SPLITS = ("train", "held_out")
@@ -89,28 +90,27 @@ class SyntheticWorldConfig:
             )
 
     @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> "SyntheticWorldConfig":
-        """Reads the sizes from a project config.
+    def from_data_spec(cls, data: DataSpec, **overrides: Any) -> "SyntheticWorldConfig":
+        """The world whose sizes match ``data`` (the model's latent, map and context).
 
         Args:
-          config: a config with ``model.{img_size, in_chans, map_patch_factor,
-            num_clip_token, clip_dim}`` and ``data.seed``.
+          data: the run's ``DataSpec``.
           **overrides: any field of this class, applied last.
 
         Returns:
           The world config; ``image_size`` is :func:`default_image_size` unless overridden.
         """
-        m = config.model
-        s = int(m.img_size)
         fields = dict(
-            latent_size=s,
-            map_size=int(m.map_patch_factor) * s,
-            image_size=default_image_size(s),
-            in_chans=int(m.in_chans),
-            num_clip_token=int(m.num_clip_token),
-            clip_dim=int(m.clip_dim),
-            seed=int(config.data.seed),
+            latent_size=data.latent_size,
+            map_size=data.map_size or data.latent_size,
+            image_size=default_image_size(data.latent_size),
+            in_chans=data.latent_channels,
+            num_clip_token=data.num_clip_token,
+            clip_dim=data.clip_dim,
+            seed=data.seed,
         )
+        if data.num_records:
+            fields["num_records"] = data.num_records
         fields.update(overrides)
         return cls(**fields)
 
@@ -388,3 +388,24 @@ class SyntheticSource:
     def image(self, index: int) -> np.ndarray:
         """uint8 [R, R, 3]: full-resolution image of record ``index``."""
         return self.world.render(self.scene(index))
+
+
+def synthetic_world(data: DataSpec) -> SyntheticWorld:
+    """The synthetic world whose sizes match ``data``."""
+    return SyntheticWorld(SyntheticWorldConfig.from_data_spec(data))
+
+
+def synthetic_dataset(data: DataSpec, split: str) -> tuple[SyntheticSource, DatasetInfo]:
+    """``(source, DatasetInfo)`` of the synthetic world's ``split`` (``train``/``held_out``)."""
+    w = synthetic_world(data)
+    scale = np.float32(data.latent_scale)
+    info = DatasetInfo(
+        empty_context=w.empty_context,
+        encode_text=w.encode_text,
+        encode_images=lambda images: w.autoencoder.encode(images) * scale,
+        decode_latents=lambda latents: w.autoencoder.decode(np.asarray(latents) / scale),
+        category_names=dict(w.category_names),
+        colour_table=w.colour_table(),
+        eval_prompts=tuple(w.held_out_prompts(data.num_eval_prompts)["caption"]),
+    )
+    return SyntheticSource(w, split), info

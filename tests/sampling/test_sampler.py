@@ -1,11 +1,11 @@
-"""``sample_mode.clipped_denoiser`` in every image parametrisation."""
+"""``sampler_lib.clipped_denoiser`` in every image parametrisation."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pdm_jax.diffusion.schedules import discrete_sd_schedule
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.sampling import sampler as sampler_lib
 
 SCHED = discrete_sd_schedule()
 
@@ -25,7 +25,7 @@ def test_clipped_denoiser_bounds_the_implied_data_prediction(prediction):
     def net(params, x, m, t, c):
         return head, m0
 
-    out, map0 = sample_mode.clipped_denoiser(net, SCHED, 2.0, True, prediction)(
+    out, map0 = sampler_lib.clipped_denoiser(net, SCHED, 2.0, True, prediction)(
         None, x_t, m0, t_model, None
     )
     implied = {

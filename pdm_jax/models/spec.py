@@ -1,0 +1,50 @@
+"""``ModelSpec``: which denoiser to build and at what size, as a frozen (hashable) value."""
+
+import dataclasses
+
+NAMES = ("uvit", "one_stream", "two_stream")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The ``config.model`` group, typed (field meanings: ``pdm_jax.models.uvit.UViTSpec``).
+
+    Attributes:
+      name: ``uvit`` (image only), ``one_stream`` or ``two_stream``.
+      dtype: compute dtype name (``float32``, ``bfloat16``).
+      param_dtype: storage dtype name of the parameters.
+    """
+
+    name: str
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    qkv_bias: bool
+    mlp_time_embed: bool
+    clip_dim: int
+    num_clip_token: int
+    num_bits: int
+    map_patch_factor: int
+    use_given_map: bool
+    dtype: str
+    param_dtype: str
+    remat_policy: str
+    attention: str
+
+    def __post_init__(self):
+        if self.name not in NAMES:
+            raise ValueError(f"Unknown model name {self.name!r}; choose one of {list(NAMES)}.")
+
+    @property
+    def has_map(self) -> bool:
+        """Whether the model generates a map (every PDM; not the plain U-ViT)."""
+        return self.name != "uvit"
+
+    @property
+    def map_size(self) -> int:
+        """The map side ``f·S`` (0 for the plain U-ViT)."""
+        return int(self.img_size * self.map_patch_factor) if self.has_map else 0

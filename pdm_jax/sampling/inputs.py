@@ -1,0 +1,125 @@
+"""Sample mode's inputs: prompts, and the given maps, images and masks of the tasks."""
+
+import logging
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+from pdm_jax import visualize
+from pdm_jax.data.schema import DatasetInfo
+from pdm_jax.diffusion import maps
+from pdm_jax.specs import SampleSpec
+
+
+def load_map(path: str, size: int, colour_table: np.ndarray) -> np.ndarray:
+    """Reads a category map: ``.npy`` ids, a grey/palette PNG of ids, or a colour PNG.
+
+    Args:
+      path: the file.
+      size: the model's map side (maps are brought there with ``maps.map_to_resolution``).
+      colour_table: uint8 [256, 3]; colour PNGs must use exactly these colours.
+
+    Returns:
+      int32 [size, size] ids.
+    """
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Map file {p} does not exist (--config.sample.map).")
+    if p.suffix == ".npy":
+        ids = np.load(p)
+    else:
+        with p.open("rb") as f:
+            img = Image.open(f)
+            img.load()
+        if img.mode in ("L", "P", "I", "I;16"):
+            ids = np.asarray(img if img.mode != "P" else img.convert("L")).astype(np.int32)
+        else:
+            rgb = np.asarray(img.convert("RGB")).astype(np.int32)
+            codes = rgb @ np.array([65536, 256, 1])
+            table = np.asarray(colour_table).astype(np.int32) @ np.array([65536, 256, 1])
+            lookup = {int(c): i for i, c in reversed(list(enumerate(table)))}
+            unknown = sorted({int(c) for c in np.unique(codes)} - lookup.keys())
+            if unknown:
+                raise ValueError(
+                    f"{p} has colours outside the category table (e.g. #{unknown[0]:06x}); "
+                    "give a .npy of ids or a greyscale PNG whose values are category ids."
+                )
+            ids = np.vectorize(lookup.__getitem__)(codes)
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{p}: expected an integer [H, W] id map, got {ids.dtype} {ids.shape}.")
+    return maps.map_to_resolution(ids.astype(np.int32), size)
+
+
+def load_image(path: str) -> np.ndarray:
+    """Reads an RGB PNG/JPEG as uint8 [H, W, 3]."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Image file {p} does not exist (--config.sample.image).")
+    with p.open("rb") as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+def load_mask(path: str, size: int) -> np.ndarray:
+    """Reads an inpainting mask (white = regenerate) as float32 [size, size, 1], 1 = known."""
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"Mask file {p} does not exist (--config.sample.mask).")
+    with p.open("rb") as f:
+        grey = np.asarray(Image.open(f).convert("L"))
+    regenerate = visualize.upscale(grey, size) >= 128
+    return (~regenerate).astype(np.float32)[..., None]
+
+
+def read_prompts(s: SampleSpec, info: DatasetInfo) -> list[str]:
+    """``sample.prompt``, else the lines of ``sample.prompts_file``, else the eval prompts."""
+    if s.prompt:
+        return [s.prompt]
+    if s.prompts_file:
+        p = epath.Path(s.prompts_file)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"Prompts file {p} does not exist (--config.sample.prompts_file)."
+            )
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"Prompts file {p} has no non-empty lines.")
+        return prompts
+    if not info.eval_prompts:
+        raise ValueError(
+            "No prompts: pass --config.sample.prompt or --config.sample.prompts_file (without "
+            "--config.data.dir there are no dataset prompts to fall back on)."
+        )
+    logging.info("No sample.prompt or sample.prompts_file: using the dataset's eval prompts.")
+    return list(info.eval_prompts)
+
+
+def known_inputs(
+    s: SampleSpec, info: DatasetInfo, task: str, latent_size: int, map_size: int, n: int
+) -> dict[str, np.ndarray | None]:
+    """The task's given maps/images/masks (``sample.map/image/mask``), repeated ``n`` times.
+
+    Raises:
+      ValueError: when the task lacks an input it needs (naming the flag).
+    """
+    known = dict(known_latents=None, known_maps=None, mask_x=None, mask_m=None)
+    rep = lambda a: np.repeat(a[None], n, axis=0)
+    if task in ("given_map", "inpaint") and s.map:
+        known["known_maps"] = rep(load_map(s.map, map_size, info.colour_table))
+    if task in ("given_image", "inpaint") and s.image:
+        known["known_latents"] = rep(info.encode_images(load_image(s.image)[None])[0])
+    if task == "given_map" and known["known_maps"] is None:
+        raise ValueError("task=given_map needs --config.sample.map (a .npy of ids or a PNG).")
+    if task == "given_image" and known["known_latents"] is None:
+        raise ValueError("task=given_image needs --config.sample.image (an RGB PNG).")
+    if task == "inpaint":
+        if not s.mask:
+            raise ValueError("task=inpaint needs --config.sample.mask (white = regenerate).")
+        if known["known_latents"] is None and known["known_maps"] is None:
+            raise ValueError("task=inpaint needs --config.sample.image and/or --config.sample.map.")
+        if known["known_latents"] is not None:
+            known["mask_x"] = rep(load_mask(s.mask, latent_size))
+        if known["known_maps"] is not None:
+            known["mask_m"] = rep(load_mask(s.mask, map_size))
+    return known

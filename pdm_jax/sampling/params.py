@@ -1,0 +1,32 @@
+"""The one parameter loader of sampling and evaluation: a checkpoint's params, checked."""
+
+from typing import Any
+
+from pdm_jax import checkpointing, models
+from pdm_jax.models.spec import ModelSpec
+
+
+def load_params(workdir: str, step: int, use_ema: bool, model: ModelSpec) -> tuple[Any, int]:
+    """Host parameters of ``<workdir>/checkpoints`` at ``step`` (-1: the latest), checked.
+
+    Args:
+      workdir: a training run's directory (or its checkpoints or step directory).
+      step: the checkpoint step; -1 takes the latest.
+      use_ema: take the EMA parameters when the checkpoint has them.
+      model: the spec the parameters must fit.
+
+    Returns:
+      ``(params, step)``.
+
+    Raises:
+      CheckpointNotFoundError: naming the directory looked in.
+      ConfigMismatchError: listing mismatched parameter paths and shapes.
+    """
+    root, step = checkpointing.locate(
+        checkpointing.checkpoint_dir(workdir), None if step < 0 else step
+    )
+    params, where = checkpointing.load_params(root / str(step), use_ema=use_ema)
+    lines = checkpointing.param_mismatches(params, models.abstract_params(model))
+    if lines:
+        raise checkpointing.mismatch_error(where, lines, model.name)
+    return params, step
