@@ -5,7 +5,7 @@ import pytest
 
 from configs import pdm as pdm_configs
 from pdm_jax import specs
-from pdm_jax.data import pipeline
+from pdm_jax.data import pipeline, schema
 from pdm_jax.diffusion import maps
 
 
@@ -37,7 +37,7 @@ def test_normalise_latent_map_and_context_choice():
     record = _ToySource()[3]
     norm = pipeline.NormaliseRecord(map_size=8, map_pooling="min", latent_scale=2.0)
     out = norm.random_map(record, np.random.default_rng(0))
-    assert sorted(out) == sorted(pipeline.SCHEMA_KEYS)
+    assert sorted(out) == sorted(schema.SCHEMA_KEYS)
     assert out["latent"].dtype == np.float32 and out["latent"].shape == (8, 8, 3)
     np.testing.assert_array_equal(out["latent"], 2.0 * record["latent"])
     np.testing.assert_array_equal(out["map"], maps.pool_map(record["map"].astype(np.int32), 8))

@@ -333,29 +333,58 @@ def prepare(
     }
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("coco_dir", None, "COCO 2017 root (train2017/, val2017/, annotations/).")
-flags.DEFINE_string("output_dir", None, "Where the ArrayRecord files and metadata go.")
-flags.DEFINE_enum("split", "train", list(coco.SPLITS), "Which split to prepare.")
-flags.DEFINE_string("vae", None, "VAE checkpoint (U-ViT autoencoder_kl.pth or a diffusers dir).")
-flags.DEFINE_string("clip", None, "Hugging Face CLIP (ViT-L/14) directory, e.g. an SD root.")
-flags.DEFINE_integer("shard_index", 0, "This process's part of the work, in [0, num_shards).")
-flags.DEFINE_integer("num_shards", 1, "Processes splitting the work (file i goes to i % N).")
-flags.DEFINE_integer("records_per_shard", 256, "Images per ArrayRecord file.")
-flags.DEFINE_integer("batch_size", 8, "Images per VAE call.")
-flags.DEFINE_integer("text_batch_size", 32, "Captions per CLIP call.")
-flags.DEFINE_bool("skip_bad", False, "Skip unreadable files (listed in the metadata).")
-flags.DEFINE_enum("map_pooling", "min", list(maps.POOLINGS), "Pooling of the 256 map.")
-flags.DEFINE_list("map_sizes", [str(m) for m in coco.MAP_SIZES], "Map sides to store.")
-flags.DEFINE_enum("context_dtype", "float16", list(CONTEXT_DTYPES), "Context storage dtype.")
-flags.DEFINE_integer("num_threads", 4, "Image-decoding threads.")
-flags.DEFINE_float("scale_factor", None, "Latent scale recorded in the metadata (default: VAE's).")
-flags.DEFINE_enum(
-    "compute_dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "Encoder compute dtype (weights stay float32).",
-)
+def define_flags(fv: flags.FlagValues) -> None:
+    """Defines the command's flags (only when run as a command: the names are common)."""
+    flags.DEFINE_string(
+        "coco_dir", None, "COCO 2017 root (train2017/, val2017/, annotations/).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "output_dir", None, "Where the ArrayRecord files and metadata go.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "split", "train", list(coco.SPLITS), "Which split to prepare.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "vae", None, "VAE checkpoint (U-ViT autoencoder_kl.pth or a diffusers dir).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "clip", None, "Hugging Face CLIP (ViT-L/14) directory, e.g. an SD root.", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "shard_index", 0, "This process's part of the work, in [0, num_shards).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "num_shards", 1, "Processes splitting the work (file i goes to i % N).", flag_values=fv
+    )
+    flags.DEFINE_integer("records_per_shard", 256, "Images per ArrayRecord file.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "Images per VAE call.", flag_values=fv)
+    flags.DEFINE_integer("text_batch_size", 32, "Captions per CLIP call.", flag_values=fv)
+    flags.DEFINE_bool(
+        "skip_bad", False, "Skip unreadable files (listed in the metadata).", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "map_pooling", "min", list(maps.POOLINGS), "Pooling of the 256 map.", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "map_sizes", [str(m) for m in coco.MAP_SIZES], "Map sides to store.", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "context_dtype", "float16", list(CONTEXT_DTYPES), "Context storage dtype.", flag_values=fv
+    )
+    flags.DEFINE_integer("num_threads", 4, "Image-decoding threads.", flag_values=fv)
+    flags.DEFINE_float(
+        "scale_factor",
+        None,
+        "Latent scale recorded in the metadata (default: VAE's).",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "compute_dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "Encoder compute dtype (weights stay float32).",
+        flag_values=fv,
+    )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -363,38 +392,44 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     for name in ("coco_dir", "output_dir", "vae", "clip"):
-        if not getattr(FLAGS, name):
+        if not getattr(flags.FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
-    dtype = jnp.dtype(FLAGS.compute_dtype)
-    module, params = vae_convert.load_vae(FLAGS.vae, dtype=dtype)
-    if FLAGS.scale_factor is not None:
+    dtype = jnp.dtype(flags.FLAGS.compute_dtype)
+    module, params = vae_convert.load_vae(flags.FLAGS.vae, dtype=dtype)
+    if flags.FLAGS.scale_factor is not None:
         module = module.clone(
-            config=dataclasses.replace(module.config, scale_factor=FLAGS.scale_factor)
+            config=dataclasses.replace(module.config, scale_factor=flags.FLAGS.scale_factor)
         )
-    image_encoder = encoders.VaeMoments(module, params, batch_size=FLAGS.batch_size, path=FLAGS.vae)
-    text_module, text_params, tokenizer = hf_clip.load_clip_text(FLAGS.clip, dtype=dtype)
+    image_encoder = encoders.VaeMoments(
+        module, params, batch_size=flags.FLAGS.batch_size, path=flags.FLAGS.vae
+    )
+    text_module, text_params, tokenizer = hf_clip.load_clip_text(flags.FLAGS.clip, dtype=dtype)
     text_encoder = encoders.ClipContexts(
-        text_module, text_params, tokenizer, batch_size=FLAGS.text_batch_size, path=FLAGS.clip
+        text_module,
+        text_params,
+        tokenizer,
+        batch_size=flags.FLAGS.text_batch_size,
+        path=flags.FLAGS.clip,
     )
     options = PrepareOptions(
-        records_per_shard=FLAGS.records_per_shard,
-        map_sizes=tuple(int(m) for m in FLAGS.map_sizes),
-        map_pooling=FLAGS.map_pooling,
-        context_dtype=FLAGS.context_dtype,
+        records_per_shard=flags.FLAGS.records_per_shard,
+        map_sizes=tuple(int(m) for m in flags.FLAGS.map_sizes),
+        map_pooling=flags.FLAGS.map_pooling,
+        context_dtype=flags.FLAGS.context_dtype,
     )
     try:
         result = prepare(
-            FLAGS.coco_dir,
-            FLAGS.output_dir,
-            FLAGS.split,
+            flags.FLAGS.coco_dir,
+            flags.FLAGS.output_dir,
+            flags.FLAGS.split,
             image_encoder,
             text_encoder,
             options=options,
-            shard_index=FLAGS.shard_index,
-            num_shards=FLAGS.num_shards,
-            batch_size=FLAGS.batch_size,
-            skip_bad=FLAGS.skip_bad,
-            num_threads=FLAGS.num_threads,
+            shard_index=flags.FLAGS.shard_index,
+            num_shards=flags.FLAGS.num_shards,
+            batch_size=flags.FLAGS.batch_size,
+            skip_bad=flags.FLAGS.skip_bad,
+            num_threads=flags.FLAGS.num_threads,
         )
     except coco.CorruptFileError as e:
         raise SystemExit(f"prepare_coco: {e}") from e
@@ -408,4 +443,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags(flags.FLAGS)
     app.run(main)
