@@ -14,10 +14,12 @@ Kinds:
 * ``export`` — a pdm_jax checkpoint (``--input`` = workdir or step dir) to an official
   state dict: ``.pth`` (needs the torch extra) or ``.safetensors``.
 
-Missing, unexpected or mis-shaped tensors fail with a list of each.
+Missing, unexpected or mis-shaped tensors fail with a list of each. Flags are absl flags
+(``--input=PATH`` or ``--input PATH``; ``--nouse_ema`` or ``--use_ema=false``), parsed into
+a fresh ``FlagValues`` on each call: importing this module defines no global flags.
 """
 
-import argparse
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
+from absl import app, flags
 
 from pdm_jax import checkpointing
 from pdm_jax.convert import official
@@ -34,6 +37,7 @@ from pdm_jax.weights.clip import _model_and_tokenizer_dirs, load_clip_text
 from pdm_jax.weights.torch_io import load_state_dict, save_safetensors
 from pdm_jax.weights.vae import load_vae
 
+PROG = "python -m pdm_jax.convert"
 KINDS = ("uvit", "pdm", "vae", "clip_text", "export")
 _DEFAULT_VARIANT = {"uvit": "uvit"}
 
@@ -58,7 +62,85 @@ def _infer_variant(state_dict: dict) -> str:
     return "one_stream" if "mask_embed.proj.weight" in state_dict else "uvit"
 
 
-def _model_config(args: argparse.Namespace, state_dict: dict | None) -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class _Args:
+    """One parsed command line: the kind and the values of the flags."""
+
+    kind: str
+    input: str
+    output: str
+    config: str
+    model_kwargs: str
+    use_ema: bool
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    """Defines the command's flags in ``flag_values`` (never the global ``flags.FLAGS``:
+    ``--input``/``--output``/``--config`` are common names that other programs define).
+    """
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("input", None, "Checkpoint file or directory to read.", **fv)
+    flags.DEFINE_string("output", None, "Directory (or file, for export) to write.", **fv)
+    flags.DEFINE_string(
+        "config", "", "Model config file spec, configs/pdm.py:<variant>[,k=v].", **fv
+    )
+    flags.DEFINE_string("model_kwargs", "", "Official UViT constructor kwargs as JSON.", **fv)
+    flags.DEFINE_bool("use_ema", True, "export: the EMA params if the checkpoint has them.", **fv)
+    flags.DEFINE_bool("help", False, "Show this help and exit.", short_name="h", **fv)
+
+
+def _usage_error(message: str) -> app.UsageError:
+    return app.UsageError(f"{message} (see {PROG} --help)", exitcode=2)
+
+
+def _help_text(flag_values: flags.FlagValues) -> str:
+    flag_help = flag_values.get_help(include_special_flags=False)
+    return f"{__doc__.strip()}\n\nflags:\n{flag_help}\n"
+
+
+def _parse(argv: Sequence[str]) -> _Args | str:
+    """Parses ``argv`` (without the program name) into a fresh ``FlagValues``.
+
+    Returns:
+      The parsed command, or the help text when ``--help``/``-h`` was given.
+
+    Raises:
+      app.UsageError: for an unknown or missing kind or flag, or a missing flag value.
+    """
+    flag_values = flags.FlagValues()
+    _define_flags(flag_values)
+    try:
+        positional = flag_values([PROG, *argv])[1:]
+    except flags.Error as e:
+        raise _usage_error(str(e)) from e
+    if flag_values.help:
+        return _help_text(flag_values)
+    if not positional:
+        raise _usage_error(
+            f"Missing the kind: {PROG} {{{','.join(KINDS)}}} --input=... --output=..."
+        )
+    kind, *extra = positional
+    if kind not in KINDS:
+        raise _usage_error(f"Unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if extra:
+        raise _usage_error(
+            f"Unexpected arguments {extra}: give one kind; boolean flags take '=' "
+            "(--use_ema=false or --nouse_ema)"
+        )
+    missing = [f"--{name}" for name in ("input", "output") if not flag_values[name].value]
+    if missing:
+        raise _usage_error(f"{kind} needs {' and '.join(missing)}")
+    return _Args(
+        kind=kind,
+        input=flag_values.input,
+        output=flag_values.output,
+        config=flag_values.config,
+        model_kwargs=flag_values.model_kwargs,
+        use_ema=flag_values.use_ema,
+    )
+
+
+def _model_config(args: _Args, state_dict: dict | None) -> ml_collections.ConfigDict:
     if args.model_kwargs:
         return official.model_config_from_official_kwargs(json.loads(args.model_kwargs))
     if args.config:
@@ -68,23 +150,31 @@ def _model_config(args: argparse.Namespace, state_dict: dict | None) -> ml_colle
 
 
 def convert(argv: Sequence[str] | None = None) -> str:
-    """Runs the converter; returns the path written."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pdm_jax.convert", description=__doc__.split("\n\n")[1]
-    )
-    parser.add_argument("kind", choices=KINDS)
-    parser.add_argument("--input", required=True, help="checkpoint file or directory to read")
-    parser.add_argument("--output", required=True, help="directory (or file for export) to write")
-    parser.add_argument("--config", default="", help="configs/pdm.py:<variant>[,k=v] of the model")
-    parser.add_argument("--model_kwargs", default="", help="official UViT kwargs as JSON")
-    parser.add_argument("--use_ema", type=int, default=1, help="export: EMA params if present")
-    args = parser.parse_args(argv)
+    """Runs the converter on a command line; returns the path written.
+
+    Args:
+      argv: the arguments after the program name (default: ``sys.argv[1:]``), e.g.
+        ``["pdm", "--input", "nnet_ema.pth", "--output", "ckpt/pdm"]``. Parsed into a fresh
+        ``flags.FlagValues``, so this can run any number of times in one process.
+
+    Raises:
+      app.UsageError: for a command line that cannot work (unknown kind, a missing flag,
+        ``export`` without ``--config``, ...); its message names the fix.
+      SystemExit: status 0 after printing the help for ``--help``/``-h``.
+    """
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    if isinstance(args, str):
+        print(args, end="")
+        raise SystemExit(0)
 
     if args.kind in ("uvit", "pdm"):
         state_dict = load_state_dict(args.input)
         model_cfg = _model_config(args, state_dict)
         if args.kind == "uvit" and model_cfg.name != "uvit":
-            parser.error(f"kind 'uvit' needs a uvit model config, got {model_cfg.name!r}.")
+            raise _usage_error(
+                f"Kind 'uvit' needs a uvit model config, got {model_cfg.name!r}; use kind "
+                "'pdm' for one- or two-stream checkpoints, or --config=configs/pdm.py:uvit"
+            )
         params = official.official_to_params(state_dict, model_cfg)
         return components.save_denoiser(args.output, params, model_cfg)
     if args.kind == "vae":
@@ -97,14 +187,18 @@ def convert(argv: Sequence[str] | None = None) -> str:
         components.save_component(args.output, "clip_text", params, module.config, tok_dir)
         return args.output
 
-    params, where = checkpointing.load_params(args.input, use_ema=bool(args.use_ema))
-    model_cfg = _model_config(args, None) if (args.config or args.model_kwargs) else None
-    if model_cfg is None:
-        parser.error("export needs --config (or --model_kwargs) describing the checkpoint's model.")
-    state = official.params_to_official(params, model_cfg)
+    if not (args.config or args.model_kwargs):
+        raise _usage_error(
+            "export needs --config (or --model_kwargs) describing the checkpoint's model, "
+            "e.g. --config=configs/pdm.py:two_stream,map_patch_factor=1"
+        )
+    if not args.output.endswith((".safetensors", ".pth", ".pt")):
+        raise _usage_error("export --output must end in .pth, .pt or .safetensors")
+    params, where = checkpointing.load_params(args.input, use_ema=args.use_ema)
+    state = official.params_to_official(params, _model_config(args, None))
     if args.output.endswith(".safetensors"):
         save_safetensors(state, args.output)
-    elif args.output.endswith((".pth", ".pt")):
+    else:
         try:
             import torch
         except ImportError as e:
@@ -114,16 +208,21 @@ def convert(argv: Sequence[str] | None = None) -> str:
         torch.save(
             {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, args.output
         )
-    else:
-        parser.error("export --output must end in .pth, .pt or .safetensors.")
     print(f"exported {where} -> {args.output} ({len(state)} tensors)")
     return args.output
 
 
-def main() -> None:
-    """Console entry: errors become a one-line message and exit status 1."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry: a usage error prints ``error: ...`` and exits with status 2, a failed
+    conversion (missing file, mismatched tensors) a one-line message and status 1.
+
+    Not ``app.run``: that parses the global ``flags.FLAGS``, which this command leaves alone.
+    """
     try:
-        print(convert())
+        print(convert(argv))
+    except app.UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(e.exitcode)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"pdm_jax.convert: {e}")
 

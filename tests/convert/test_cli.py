@@ -1,12 +1,20 @@
 """``python -m pdm_jax.convert``: official state dicts in, pdm_jax checkpoints out, and back."""
 
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+from absl import app, flags
 from flax import traverse_util
 
 from configs import pdm as pdm_configs
 from pdm_jax import checkpointing, models, specs
+from pdm_jax.convert import __main__ as cli
 from pdm_jax.convert import official
 from pdm_jax.convert.__main__ import convert
 from pdm_jax.train import init as init_lib
@@ -14,6 +22,7 @@ from pdm_jax.weights.torch_io import load_state_dict, save_safetensors
 
 UVIT = "configs/pdm.py:uvit,tiny=1"
 TWO = "configs/pdm.py:two_stream,tiny=1,map_patch_factor=1"
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _official_file(tmp_path, variant: str, seed: int = 0):
@@ -86,3 +95,84 @@ def test_mismatched_state_dict_lists_missing_unexpected_and_misshaped(tmp_path):
 def test_missing_input_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         convert(["uvit", "--input", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "o")])
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "pdm_jax.convert", *args],
+        cwd=_REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_help_runs_as_a_subprocess_and_lists_the_kinds():
+    result = _run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("python -m pdm_jax.convert pdm --input")
+    for kind in cli.KINDS:
+        assert f"``{kind}``" in result.stdout
+    for flag in ("--input", "--output", "--config", "--model_kwargs", "--[no]use_ema"):
+        assert flag in result.stdout
+
+
+def test_unknown_kind_exits_2_with_a_message_naming_the_kinds(tmp_path):
+    result = _run_cli("bogus", "--input", "x.pth", "--output", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "error: Unknown kind 'bogus'" in result.stderr
+    assert "uvit, pdm, vae, clip_text, export" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_name_the_fix(tmp_path):
+    out = str(tmp_path / "o")
+    cases = {
+        "needs --config": ["export", "--input", out, "--output", f"{out}.safetensors"],
+        r"must end in \.pth": ["export", "--input", out, "--output", out, "--config", UVIT],
+        "Unknown kind 'nope'": ["nope", "--input", out, "--output", out],
+        "Missing the kind": ["--input", out, "--output", out],
+        "needs --input and --output": ["vae"],
+        "Unknown command line flag 'inputt'": ["vae", "--inputt", out, "--output", out],
+        "Missing value for flag --output": ["vae", "--input", out, "--output"],
+        "--nouse_ema": ["export", "--input", out, "--output", out, "--use_ema", "0"],
+    }
+    for message, argv in cases.items():
+        with pytest.raises(app.UsageError, match=message):
+            convert(argv)
+    path, _, _ = _official_file(tmp_path, "uvit,tiny=1")
+    with pytest.raises(app.UsageError, match="needs a uvit model config, got 'two_stream'"):
+        convert(["uvit", "--input", str(path), "--output", out, "--config", TWO])
+
+
+def test_flag_spellings_parse_as_before():
+    base = ["export", "--input", "w", "--output", "o.pth"]
+    assert cli._parse(base).use_ema is True
+    assert cli._parse([*base, "--use_ema=0"]).use_ema is False
+    assert cli._parse([*base, "--nouse_ema"]).use_ema is False
+    args = cli._parse(["--config=c.py:x", "pdm", "--input=a", "--output", "b", "--model_kwargs={}"])
+    assert (args.kind, args.input, args.output, args.config, args.model_kwargs) == (
+        "pdm",
+        "a",
+        "b",
+        "c.py:x",
+        "{}",
+    )
+
+
+def test_importing_and_running_the_cli_defines_no_global_flags(capsys):
+    before = set(flags.FLAGS)
+    importlib.reload(cli)  # runs the module body again, as a fresh import does
+    for name in ("input", "output", "model_kwargs", "use_ema"):
+        assert name not in flags.FLAGS
+    for _ in range(2):  # a fresh FlagValues per call: no DuplicateFlagError the second time
+        with pytest.raises(SystemExit) as exited:
+            cli.convert(["--help"])
+        assert exited.value.code == 0
+        with pytest.raises(app.UsageError, match="Unknown kind"):
+            cli.convert(["nope", "--input", "a", "--output", "b"])
+    assert "--model_kwargs" in capsys.readouterr().out
+    assert set(flags.FLAGS) == before
