@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -150,9 +149,14 @@ def use_cpu_devices(count: int) -> bool:
     if count <= 1:
         return False
     flags = os.environ.get("XLA_FLAGS", "")
-    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in flags:
+    if "xla_force_host_platform_device_count" in flags:
         return False
-    jax.config.update("jax_num_cpu_devices", count)
+    try:
+        # Once the backends exist, changing ``jax_num_cpu_devices`` raises RuntimeError
+        # (JAX's own check; there is no public "backends initialised?" query).
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        return False
     if "xla_cpu_multi_thread_eigen" not in flags:
         flags += " --xla_cpu_multi_thread_eigen=false"
     os.environ["XLA_FLAGS"] = flags.strip()

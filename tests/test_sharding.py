@@ -43,20 +43,22 @@ def test_cpu_devices_are_not_changed_once_backends_exist(caplog):
 
 
 _PROBE = """
-import os, jax
+import os, sys, jax
 from pdm_jax import sharding
+if "--devices-first" in sys.argv:
+    jax.devices()  # initialises the backends before the split is asked for
 applied = sharding.use_cpu_devices(2)
 mesh = sharding.create_mesh()
 print(applied, jax.device_count(), mesh.shape["data"], os.environ.get("XLA_FLAGS", ""))
 """
 
 
-def _probe(xla_flags: str) -> list[str]:
+def _probe(xla_flags: str, *args: str) -> list[str]:
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, check=True
     )
-    return out.stdout.split(maxsplit=3)
+    return [*out.stdout.split(maxsplit=3), ""][:4]
 
 
 def test_a_fresh_process_gets_single_threaded_devices_on_the_data_axis():
@@ -68,3 +70,10 @@ def test_a_fresh_process_gets_single_threaded_devices_on_the_data_axis():
 def test_an_explicit_xla_device_count_wins():
     applied, count, data, _ = _probe("--xla_force_host_platform_device_count=3")
     assert (applied, count, data) == ("False", "3", "3")
+
+
+def test_a_process_whose_backends_exist_keeps_its_devices_and_flags():
+    # No XLA_FLAGS device count here: only JAX's refusal to change jax_num_cpu_devices
+    # after initialisation (a RuntimeError) stops the split.
+    applied, count, data, flags = _probe("", "--devices-first")
+    assert (applied, count, data, flags) == ("False", "1", "1", "")
