@@ -163,7 +163,29 @@ def use_cpu_devices(count: int) -> bool:
     return True
 
 
-def setup_cpu_devices(config: Any, batch_size: int) -> int:
+def mode_batch_size(config: Any, mode: str) -> int | None:
+    """The global batch a ``pdm_jax.main`` mode shards over the data axis (None: none).
+
+    Args:
+      config: the full config.
+      mode: ``train`` (``train.batch_size``), ``evaluate`` (``eval.batch_size``: its
+        sampler shards each batch over all devices) or ``sample`` (None: sample mode's
+        sampler is one plain ``jit`` on one device, so a split CPU would leave it a single
+        core).
+
+    Returns:
+      The batch ``setup_cpu_devices`` should split the CPU by, or None for no split.
+    """
+    if mode == "train":
+        return int(config.train.batch_size)
+    if mode == "evaluate":
+        return int(config.eval.batch_size)
+    if mode == "sample":
+        return None
+    raise ValueError(f"Unknown mode {mode!r}; choose one of train, sample, evaluate.")
+
+
+def setup_cpu_devices(config: Any, batch_size: int | None) -> int:
     """Applies ``config.sharding.cpu_devices`` for a program whose global batch is given.
 
     Call it first thing in a program (before anything touches a JAX device). Logs a warning
@@ -171,11 +193,14 @@ def setup_cpu_devices(config: Any, batch_size: int) -> int:
 
     Args:
       config: the full config (``sharding.cpu_devices``).
-      batch_size: the global batch the data axis must divide.
+      batch_size: the global batch the data axis must divide (``mode_batch_size``); None
+        for a program that runs on one device: no split.
 
     Returns:
       The device count asked for (0 or 1: no split).
     """
+    if batch_size is None:
+        return 0
     count = host_cpu_devices(int(config.sharding.cpu_devices), batch_size)
     if count > 1 and not use_cpu_devices(count):
         logging.warning(

@@ -42,6 +42,25 @@ def test_cpu_devices_are_not_changed_once_backends_exist(caplog):
     assert jax.device_count() == 8
 
 
+@pytest.mark.parametrize(("mode", "want"), [("train", 8), ("evaluate", 6), ("sample", None)])
+def test_mode_batch_size_is_the_batch_the_mode_shards(mode, want):
+    config = pdm_configs.get_config("demo")
+    config.train.batch_size, config.eval.batch_size, config.sample.batch_size = 8, 6, 4
+    assert sharding.mode_batch_size(config, mode) == want
+
+
+def test_mode_batch_size_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="Unknown mode 'serve'"):
+        sharding.mode_batch_size(pdm_configs.get_config("demo"), "serve")
+
+
+def test_no_batch_means_no_split(caplog):
+    config = pdm_configs.get_config("demo")
+    config.sharding.cpu_devices = 3  # would not divide any of the demo's batches
+    assert sharding.setup_cpu_devices(config, None) == 0
+    assert "not applied" not in caplog.text
+
+
 _PROBE = """
 import os, sys, jax
 from pdm_jax import sharding
