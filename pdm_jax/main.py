@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     _apply_weight_flags(config)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    sharding.setup_cpu_devices(config, int(config.train.batch_size))
+    sharding.setup_cpu_devices(config, sharding.mode_batch_size(config, _MODE.value))
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info(

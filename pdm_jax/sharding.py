@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -150,16 +149,41 @@ def use_cpu_devices(count: int) -> bool:
     if count <= 1:
         return False
     flags = os.environ.get("XLA_FLAGS", "")
-    if xla_bridge.backends_are_initialized() or "xla_force_host_platform_device_count" in flags:
+    if "xla_force_host_platform_device_count" in flags:
         return False
-    jax.config.update("jax_num_cpu_devices", count)
+    try:
+        # Once the backends exist, changing ``jax_num_cpu_devices`` raises RuntimeError
+        # (JAX's own check; there is no public "backends initialised?" query).
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        return False
     if "xla_cpu_multi_thread_eigen" not in flags:
         flags += " --xla_cpu_multi_thread_eigen=false"
     os.environ["XLA_FLAGS"] = flags.strip()
     return True
 
 
-def setup_cpu_devices(config: Any, batch_size: int) -> int:
+def mode_batch_size(config: Any, mode: str) -> int | None:
+    """The global batch a ``pdm_jax.main`` mode shards over the data axis (None: none).
+
+    Args:
+      config: the full config.
+      mode: ``train`` (``train.batch_size``), ``evaluate`` (``eval.batch_size``) or
+        ``sample`` (``sample.batch_size``): the sampler shards each batch over all devices.
+
+    Returns:
+      The batch ``setup_cpu_devices`` should split the CPU by, or None for no split.
+    """
+    if mode == "train":
+        return int(config.train.batch_size)
+    if mode == "evaluate":
+        return int(config.eval.batch_size)
+    if mode == "sample":
+        return int(config.sample.batch_size)
+    raise ValueError(f"Unknown mode {mode!r}; choose one of train, sample, evaluate.")
+
+
+def setup_cpu_devices(config: Any, batch_size: int | None) -> int:
     """Applies ``config.sharding.cpu_devices`` for a program whose global batch is given.
 
     Call it first thing in a program (before anything touches a JAX device). Logs a warning
@@ -167,11 +191,14 @@ def setup_cpu_devices(config: Any, batch_size: int) -> int:
 
     Args:
       config: the full config (``sharding.cpu_devices``).
-      batch_size: the global batch the data axis must divide.
+      batch_size: the global batch the data axis must divide (``mode_batch_size``); None
+        for a program that runs on one device: no split.
 
     Returns:
       The device count asked for (0 or 1: no split).
     """
+    if batch_size is None:
+        return 0
     count = host_cpu_devices(int(config.sharding.cpu_devices), batch_size)
     if count > 1 and not use_cpu_devices(count):
         logging.warning(

@@ -1,11 +1,13 @@
 """Command-line errors of ``python -m pdm_jax.main``: they name the problem and the fix."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from configs import pdm as pdm_configs
 from pdm_jax import models
@@ -14,10 +16,11 @@ from tests.train import saved_states
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pdm_jax.main", *args],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -52,3 +55,23 @@ def test_sample_with_mismatched_config_lists_the_shapes(tmp_path):
     assert result.returncode == 1
     assert "does not match the config" in result.stderr
     assert "in_blocks_1/attn/qkv/kernel: missing from the checkpoint, config shape" in result.stderr
+
+
+@pytest.mark.parametrize(("mode", "devices"), [("sample", 3), ("evaluate", 3)])
+def test_cpu_split_follows_the_mode_batch(tmp_path, mode, devices):
+    # 3 devices divide eval.batch_size=6 and sample.batch_size=6 but not the tiny
+    # train.batch_size=8: splitting by the training batch would stop both modes.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no forced count
+    result = _run(
+        "--config=configs/pdm.py:demo,tiny=1",
+        f"--workdir={tmp_path}",
+        f"--mode={mode}",
+        "--config.sharding.cpu_devices=3",
+        "--config.eval.batch_size=6",
+        "--config.sample.batch_size=6",
+        env=env,
+    )
+    assert "does not divide" not in result.stderr
+    listed = ", ".join(f"CpuDevice(id={i})" for i in range(devices))
+    assert f"JAX devices: [{listed}] (process 0 of 1)" in result.stderr
+    assert "No checkpoint at" in result.stderr

@@ -42,21 +42,42 @@ def test_cpu_devices_are_not_changed_once_backends_exist(caplog):
     assert jax.device_count() == 8
 
 
+@pytest.mark.parametrize(("mode", "want"), [("train", 8), ("evaluate", 6), ("sample", 4)])
+def test_mode_batch_size_is_the_batch_the_mode_shards(mode, want):
+    config = pdm_configs.get_config("demo")
+    config.train.batch_size, config.eval.batch_size, config.sample.batch_size = 8, 6, 4
+    assert sharding.mode_batch_size(config, mode) == want
+
+
+def test_mode_batch_size_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="Unknown mode 'serve'"):
+        sharding.mode_batch_size(pdm_configs.get_config("demo"), "serve")
+
+
+def test_no_batch_means_no_split(caplog):
+    config = pdm_configs.get_config("demo")
+    config.sharding.cpu_devices = 3  # would not divide any of the demo's batches
+    assert sharding.setup_cpu_devices(config, None) == 0
+    assert "not applied" not in caplog.text
+
+
 _PROBE = """
-import os, jax
+import os, sys, jax
 from pdm_jax import sharding
+if "--devices-first" in sys.argv:
+    jax.devices()  # initialises the backends before the split is asked for
 applied = sharding.use_cpu_devices(2)
 mesh = sharding.create_mesh()
 print(applied, jax.device_count(), mesh.shape["data"], os.environ.get("XLA_FLAGS", ""))
 """
 
 
-def _probe(xla_flags: str) -> list[str]:
+def _probe(xla_flags: str, *args: str) -> list[str]:
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, check=True
     )
-    return out.stdout.split(maxsplit=3)
+    return [*out.stdout.split(maxsplit=3), ""][:4]
 
 
 def test_a_fresh_process_gets_single_threaded_devices_on_the_data_axis():
@@ -68,3 +89,10 @@ def test_a_fresh_process_gets_single_threaded_devices_on_the_data_axis():
 def test_an_explicit_xla_device_count_wins():
     applied, count, data, _ = _probe("--xla_force_host_platform_device_count=3")
     assert (applied, count, data) == ("False", "3", "3")
+
+
+def test_a_process_whose_backends_exist_keeps_its_devices_and_flags():
+    # No XLA_FLAGS device count here: only JAX's refusal to change jax_num_cpu_devices
+    # after initialisation (a RuntimeError) stops the split.
+    applied, count, data, flags = _probe("", "--devices-first")
+    assert (applied, count, data, flags) == ("False", "1", "1", "")

@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from pdm_jax.models import attention
 from pdm_jax.models.pdm import OneStreamPDM
 from pdm_jax.models.spec import ModelSpec
 from pdm_jax.models.two_stream import TwoStreamPDM, is_image_stream
@@ -60,9 +61,14 @@ def build(model_cfg: Any) -> nn.Module:
 
     Returns:
       An unbound Linen module.
+
+    Raises:
+      ValueError: for an unknown name, bad spec fields, or an attention kernel the compute
+        dtype or backend cannot run (``attention.check_implementation``).
     """
     if model_cfg.name not in MODELS:
         raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
+    attention.check_implementation(model_cfg.attention, model_cfg.dtype)
     return MODELS[model_cfg.name](
         UViTSpec.from_config(model_cfg),
         dtype=jnp.dtype(model_cfg.dtype),

@@ -15,6 +15,7 @@ Arrays are ``[B, T, H, Dh]`` (the layout ``jax.nn.dot_product_attention`` takes)
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,40 @@ def resolve_implementation(implementation: str) -> str:
     if implementation == "auto":
         return "chunked" if jax.default_backend() == "cpu" else "xla"
     return implementation
+
+
+def check_implementation(implementation: str, dtype: Any, backend: str | None = None) -> None:
+    """Fails early, with the fix, where ``implementation`` cannot run (at model build time).
+
+    ``cudnn`` is cuDNN's flash-attention kernel: it takes bfloat16 or float16 inputs (the
+    model's compute ``dtype``) on a GPU; elsewhere JAX fails only when the model is traced.
+
+    Args:
+      implementation: ``config.model.attention``.
+      dtype: the model's compute dtype (``config.model.dtype``).
+      backend: JAX's backend name (default: ``jax.default_backend()``).
+
+    Raises:
+      ValueError: naming each unmet need and the flag that fixes it.
+    """
+    if implementation != "cudnn":
+        return
+    backend = jax.default_backend() if backend is None else backend
+    dtype = jnp.dtype(dtype)
+    problems = []
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        problems.append(
+            f"a bfloat16 or float16 compute dtype, but model.dtype is {dtype.name}: set "
+            "--config.model.dtype=bfloat16"
+        )
+    if backend != "gpu":
+        problems.append(
+            f"a GPU, but JAX's backend is {backend}: set --config.model.attention=xla (or auto)"
+        )
+    if problems:
+        raise ValueError(
+            "model.attention=cudnn (cuDNN flash attention) needs " + "; and ".join(problems) + "."
+        )
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, implementation: str = "auto") -> Array:

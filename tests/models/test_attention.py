@@ -1,10 +1,14 @@
 """Tests of the attention kernels against a float64 NumPy softmax attention."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import pdm as pdm_configs
+from pdm_jax import models
 from pdm_jax.models import attention
 
 
@@ -94,3 +98,48 @@ def test_chunked_rejects_bad_shapes_and_groups():
         attention.chunked_attention(q, k[:, :5], k)
     with pytest.raises(ValueError, match="does not divide"):
         attention.chunked_attention(q, q, q, heads_per_group=4)
+
+
+_DTYPE_FIX = "set --config.model.dtype=bfloat16"
+_BACKEND_FIX = "set --config.model.attention=xla"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend", "fixes"),
+    [
+        ("float32", None, (_DTYPE_FIX, _BACKEND_FIX)),  # the tests' backend is the CPU
+        ("bfloat16", None, (_BACKEND_FIX,)),
+        ("float32", "gpu", (_DTYPE_FIX,)),
+    ],
+)
+def test_cudnn_names_what_to_set(dtype, backend, fixes):
+    with pytest.raises(ValueError, match=r"model\.attention=cudnn") as info:
+        attention.check_implementation("cudnn", dtype, backend)
+    for fix in (_DTYPE_FIX, _BACKEND_FIX):
+        assert (fix in str(info.value)) == (fix in fixes)
+
+
+@pytest.mark.parametrize(
+    ("impl", "dtype", "backend"),
+    [
+        ("cudnn", "bfloat16", "gpu"),
+        ("cudnn", "float16", "gpu"),
+        ("xla", "float32", None),
+        ("auto", "float32", None),
+        ("chunked", "float32", None),
+    ],
+)
+def test_runnable_choices_pass_the_check(impl, dtype, backend):
+    attention.check_implementation(impl, dtype, backend)
+
+
+def test_cudnn_is_rejected_when_the_model_is_built():
+    # Before the check, on CPU: "RuntimeError: cuDNN is not detected" from inside the first
+    # trace (on a GPU with float32, JAX's source raises "Q must be fp16/bf16/...").
+    config = pdm_configs.get_config("demo,tiny=1")
+    config.model.attention = "cudnn"
+    with pytest.raises(ValueError, match=re.escape(_DTYPE_FIX)):
+        models.build(config.model)
+    config.model.dtype = "bfloat16"
+    with pytest.raises(ValueError, match=re.escape(_BACKEND_FIX)):
+        models.build(config.model)
