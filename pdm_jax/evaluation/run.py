@@ -43,26 +43,18 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
-import tqdm
 from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
-from PIL import Image, PngImagePlugin
 
 from pdm_jax import specs
 from pdm_jax.data import pipeline
-from pdm_jax.data.coco import source as coco_source
-from pdm_jax.data.schema import DatasetInfo
-from pdm_jax.data.synthetic import dataset as synthetic
-from pdm_jax.evaluation import clip_score, fid, reference_stats
-from pdm_jax.evaluation import mcd as mcd_lib
+from pdm_jax.evaluation import prompts as prompts_lib
+from pdm_jax.evaluation import reference_stats, scoring, store
 from pdm_jax.sampling.params import load_params
-from pdm_jax.sampling.sampler import Sampler
 from pdm_jax.weights import clip as hf_clip
 
 DEFAULT_NUM_SAMPLES = {"coco": 30_000, "synthetic": 256}
@@ -97,310 +89,9 @@ def eval_settings(config: specs.RunSpec) -> specs.EvalSpec:
     return ev
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """What sample ``i`` is conditioned on and compared with.
-
-    Attributes:
-      caption: the caption sampled with.
-      captions: every caption of the reference image (the CLIP score averages over them).
-      context: float32 [T, D] text context of ``caption``.
-      map: int32 [M, M] ground-truth ids at the model's map side, None for a U-ViT.
-    """
-
-    caption: str
-    captions: tuple[str, ...]
-    context: np.ndarray
-    map: np.ndarray | None
-
-
-class SyntheticPrompts:
-    """Held-out example ``i`` of the synthetic world (its oracle is ``self.world``)."""
-
-    def __init__(self, world: Any, with_map: bool):
-        self.world, self.with_map = world, with_map
-
-    def __getitem__(self, i: int) -> Prompt:
-        example = self.world.example(i, "held_out")
-        caption = self.world.caption(i, "held_out")
-        ref = np.asarray(example["map"], np.int32) if self.with_map else None
-        return Prompt(caption, (caption,), np.asarray(example["context"], np.float32), ref)
-
-    def identity(self) -> dict[str, Any]:
-        """What the prompts depend on (compared when resuming)."""
-        return {"source": "synthetic", "world": dataclasses.asdict(self.world.config)}
-
-
-class CocoPrompts:
-    """COCO val record ``i mod R`` with its caption ``(i div R) mod K`` (module docstring)."""
-
-    def __init__(self, source: Any):
-        """Args: source: a ``CocoSource`` in the moments view (``sample_latent=False``)."""
-        self.source, self.num_records = source, len(source)
-        if not self.num_records:
-            raise ValueError(f"{source} has no records to take validation captions from.")
-
-    def __getitem__(self, i: int) -> Prompt:
-        rec = self.source[i % self.num_records]
-        captions = tuple(rec["captions"])
-        k = (i // self.num_records) % len(captions)
-        ref = np.asarray(rec["map"], np.int32) if "map" in rec else None
-        return Prompt(captions[k], captions, np.asarray(rec["contexts"][k], np.float32), ref)
-
-    def identity(self) -> dict[str, Any]:
-        """What the prompts depend on (compared when resuming)."""
-        meta = self.source.metadata
-        text = {k: v for k, v in meta.get("text_encoder", {}).items() if k != "path"}
-        return {"source": "coco", "records": self.num_records, "text_encoder": text}
-
-
-def eval_prompts(config: specs.RunSpec) -> tuple[Any, Any]:
-    """The validation prompts of ``config.data.source`` and its oracle world (or None)."""
-    if config.data.source == "synthetic":
-        world = synthetic.synthetic_world(config.data)
-        return SyntheticPrompts(world, config.model.has_map), world
-    if config.data.source == "coco":
-        return CocoPrompts(coco_source.coco_source_from_spec(config.data, "val")), None
-    raise ValueError(
-        f"Evaluation reads validation captions from data.source 'coco' or 'synthetic', got "
-        f"{config.data.source!r}."
-    )
-
-
-def host_indices(num_samples: int, process_index: int, process_count: int) -> range:
-    """The contiguous slice of ``range(num_samples)`` that one process samples and scores."""
-    bounds = np.linspace(0, num_samples, process_count + 1).round().astype(int)
-    return range(int(bounds[process_index]), int(bounds[process_index + 1]))
-
-
 def _needs_map(config: specs.RunSpec, ev: specs.EvalSpec) -> bool:
     """Whether samples include a generated map (a PDM cogenerating)."""
     return config.model.name != "uvit" and ev.task == "cogenerate"
-
-
-def _name(i: int, suffix: str = "") -> str:
-    return f"{i:06d}{suffix}.png"
-
-
-def _write_png(path: epath.Path, array: np.ndarray, text: dict[str, str]) -> None:
-    """Writes a PNG atomically (temporary name, then rename) with iTXt entries."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, value)
-    tmp = path.parent / f"{path.name}.tmp"
-    with tmp.open("wb") as f:
-        Image.fromarray(array).save(f, format="PNG", pnginfo=info)
-    tmp.replace(path)
-
-
-def _read_png(path: epath.Path) -> tuple[np.ndarray, dict[str, str]]:
-    with path.open("rb") as f, Image.open(f) as img:
-        img.load()
-        return np.asarray(img), dict(img.text)
-
-
-def _check_settings(samples_dir: epath.Path, settings: dict[str, Any]) -> None:
-    """Writes ``settings.json`` or checks that existing samples were made the same way."""
-    path = samples_dir / "settings.json"
-    settings = json.loads(json.dumps(settings))
-    if path.exists():
-        found = json.loads(path.read_text())
-        diff = sorted(k for k in settings.keys() | found.keys() if found.get(k) != settings.get(k))
-        if diff:
-            raise ValueError(
-                f"{samples_dir} holds samples made with other settings ({', '.join(diff)} "
-                f"differ: {[found.get(k) for k in diff]} vs {[settings.get(k) for k in diff]}). "
-                "Delete that directory or evaluate in another workdir."
-            )
-    elif jax.process_index() == 0:
-        samples_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2))
-
-
-def _done(samples_dir: epath.Path, needs_map: bool) -> set[int]:
-    """Indices whose files are complete (the image is written last)."""
-    names = {p.name for p in samples_dir.iterdir()} if samples_dir.exists() else set()
-    images = {int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit()}
-    return {i for i in images if not needs_map or _name(i, "_map") in names}
-
-
-def generate_samples(
-    config: specs.RunSpec,
-    ev: specs.EvalSpec,
-    prompts: Any,
-    info: DatasetInfo,
-    params: Any,
-    samples_dir: epath.Path,
-) -> tuple[int, float]:
-    """Samples this process's missing indices into ``samples_dir``.
-
-    Args:
-      config: the run's spec.
-      ev: the ``eval`` settings (``eval_settings``).
-      prompts: ``SyntheticPrompts`` or ``CocoPrompts``.
-      info: the dataset's codecs (``decode_latents``, ``empty_context``, categories).
-      params: host parameters.
-      samples_dir: where the sample files go.
-
-    Returns:
-      ``(number generated, seconds)``.
-    """
-    needs_map = _needs_map(config, ev)
-    mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
-    done = _done(samples_dir, needs_map)
-    todo = [i for i in mine if i not in done]
-    if not todo:
-        return 0, 0.0
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    sampler = Sampler(
-        config.model, config.diffusion, config.sampler, info, params, batch_size=ev.batch_size
-    )
-    t0 = time.perf_counter()
-    desc = f"sampling ({ev.task})" + (
-        f" process {jax.process_index()}" if jax.process_count() > 1 else ""
-    )
-    with tqdm.tqdm(total=len(todo), unit="sample", desc=desc) as progress:
-        for lo in range(0, len(todo), sampler.batch_size):
-            indices = todo[lo : lo + sampler.batch_size]
-            batch_prompts = [prompts[i] for i in indices]
-            known = None
-            if ev.task == "given_map":
-                known = np.stack([p.map for p in batch_prompts])  # [B, M, M]
-            out = sampler(
-                [ev.seed + i for i in indices],
-                contexts=np.stack([p.context for p in batch_prompts]),  # [B, T, D]
-                task=ev.task,
-                known_maps=known,
-            )
-            for j, i in enumerate(indices):
-                if needs_map:
-                    ids = out.maps[j].astype(np.uint8)  # ids <= 200
-                    text = {"invalid_pixels": str(int(out.num_invalid[j]))}
-                    _write_png(samples_dir / _name(i, "_map"), ids, text)
-                caption = {"caption": batch_prompts[j].caption}
-                _write_png(samples_dir / _name(i), out.images[j], caption)
-            progress.update(len(indices))
-    return len(todo), time.perf_counter() - t0
-
-
-def score_samples(
-    ev: specs.EvalSpec,
-    prompts: Any,
-    world: Any,
-    samples_dir: epath.Path,
-    indices: Sequence[int],
-    extractor: reference_stats.InceptionFeatures | None,
-    embedder: Any,
-    needs_map: bool,
-) -> dict[str, np.ndarray]:
-    """Per-sample scores of the samples ``indices``.
-
-    Args:
-      ev: the ``eval`` settings.
-      prompts: the prompts the samples were made for.
-      world: the synthetic world (its oracle segmenter), or None.
-      samples_dir: the sample files.
-      indices: which samples.
-      extractor: Inception features for FID, or None.
-      embedder: a ``ClipEmbedder`` for the CLIP score, or None.
-      needs_map: whether the samples have generated maps.
-
-    Returns:
-      ``{name: [n] per-sample values}`` plus ``features`` [n, 2048] for FID.
-    """
-    batch = extractor.batch_size if extractor is not None else int(ev.inception_batch_size)
-    out: dict[str, list[np.ndarray]] = {}
-    add = lambda key, value: out.setdefault(key, []).append(np.asarray(value))
-    text_cache: dict[str, np.ndarray] = {}
-    for lo in tqdm.tqdm(range(0, len(indices), batch), unit="batch", desc="scoring"):
-        chunk = list(indices[lo : lo + batch])
-        batch_prompts = [prompts[i] for i in chunk]
-        images = np.stack([_read_png(samples_dir / _name(i))[0] for i in chunk])
-        refs = None if batch_prompts[0].map is None else np.stack([p.map for p in batch_prompts])
-        captions = [p.caption for p in batch_prompts]
-        if extractor is not None:
-            add("features", extractor.of_arrays(images).astype(np.float32))
-        if embedder is not None:
-            all_captions = [p.captions for p in batch_prompts]
-            add("clip_score", _clip_scores(embedder, images, all_captions, text_cache))
-        maps = None
-        if needs_map:
-            read = [_read_png(samples_dir / _name(i, "_map")) for i in chunk]
-            maps = np.stack([ids for ids, _ in read]).astype(np.int32)
-            add("mcd", mcd_lib.mean_count_difference_per_pair(refs, maps))
-            add("invalid_map_pixels", [int(t["invalid_pixels"]) / ids.size for ids, t in read])
-        if world is not None:
-            seg = world.segment(images, None if refs is None else refs.shape[-1])  # [n, M, M]
-            if maps is not None:
-                add("map_image_agreement", np.mean(seg == maps, axis=(1, 2)))
-                add("caption_recall", world.caption_recall(captions, maps))
-                add("image_caption_recall", world.caption_recall(captions, seg))
-            elif refs is not None:  # given_map: the oracle's reading of the image is the map
-                add("map_image_agreement", np.mean(seg == refs, axis=(1, 2)))
-                add("caption_recall", world.caption_recall(captions, seg))
-                add("mcd", mcd_lib.mean_count_difference_per_pair(refs, seg))
-            else:
-                add("image_caption_recall", world.caption_recall(captions, seg))
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _clip_scores(
-    embedder: Any, images: np.ndarray, captions: list[tuple[str, ...]], cache: dict[str, Any]
-) -> np.ndarray:
-    """Per-image CLIP score over each image's captions (``[n]`` float64).
-
-    ``cache`` maps captions to their embeddings: COCO revisits every image's captions once
-    per pass over the val set, so each caption is embedded once.
-    """
-    new = sorted({c for cs in captions for c in cs} - cache.keys())
-    if new:
-        cache.update(zip(new, embedder.text_embeds(new), strict=True))
-    k = max(len(c) for c in captions)
-    text = np.stack([[cache[c[min(j, len(c) - 1)]] for j in range(k)] for c in captions])
-    mask = np.asarray([[j < len(c) for j in range(k)] for c in captions])  # [n, K]
-    return clip_score.clip_scores_per_image(embedder.image_embeds(images), text, mask)
-
-
-def _gather(scores: dict[str, np.ndarray], eval_dir: epath.Path, task: str) -> dict | None:
-    """Every process's scores, concatenated in index order, on process 0 (None elsewhere)."""
-    if jax.process_count() == 1:
-        return scores
-    part = lambda p: eval_dir / f"scores_{task}_process{p}.npz"
-    with part(jax.process_index()).open("wb") as f:
-        np.savez(f, **scores)
-    multihost_utils.sync_global_devices(f"pdm_eval_scores_{task}")
-    if jax.process_index() != 0:
-        return None
-    parts = []
-    for p in range(jax.process_count()):
-        with part(p).open("rb") as f, np.load(f) as z:
-            parts.append({k: z[k] for k in z.files})
-    keys = {k for q in parts for k in q}  # a process without samples has no arrays
-    return {k: np.concatenate([q[k] for q in parts if k in q]) for k in keys}
-
-
-def summarise(
-    scores: dict[str, np.ndarray], ev: specs.EvalSpec, eval_dir: epath.Path
-) -> dict[str, float]:
-    """Means of the per-sample scores, and the FID of the features.
-
-    Args:
-      scores: every sample's scores (``score_samples`` of all processes).
-      ev: the ``eval`` settings (``fid_stats``, ``task``).
-      eval_dir: where the samples' own FID statistics are written.
-
-    Returns:
-      ``{metric: value}``.
-    """
-    metrics = {k: float(np.mean(v)) for k, v in scores.items() if k != "features"}
-    if "features" in scores:
-        mu, sigma = fid.feature_statistics(scores["features"])
-        with (eval_dir / f"fid_stats_{ev.task}.npz").open("wb") as f:
-            fid.save_stats(f, mu, sigma)
-        with epath.Path(ev.fid_stats).open("rb") as f:
-            reference = fid.load_stats(f)
-        metrics["fid"] = fid.frechet_distance(mu, sigma, *reference)
-    return metrics
 
 
 def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
@@ -421,7 +112,7 @@ def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
     params, step = load_params(str(workdir), ev.step, ev.use_ema, config.model)
     if info is None:
         _, info = pipeline.create_source(config.data, "held_out")
-    prompts, world = eval_prompts(config)
+    prompts, world = prompts_lib.eval_prompts(config)
     # Load the scorers first: a bad path fails before hours of sampling.
     extractor = embedder = None
     if ev.inception:
@@ -442,18 +133,22 @@ def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
         "diffusion": dataclasses.asdict(config.diffusion),
         "prompts": prompts.identity(),
     }
-    _check_settings(samples_dir, settings)
-    generated, sample_seconds = generate_samples(config, ev, prompts, info, params, samples_dir)
+    store.check_settings(samples_dir, settings)
+    generated, sample_seconds = store.generate_samples(
+        config, ev, prompts, info, params, samples_dir
+    )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"pdm_eval_samples_{ev.task}")
     t0 = time.perf_counter()
-    mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
+    mine = prompts_lib.host_indices(ev.num_samples, jax.process_index(), jax.process_count())
     needs_map = _needs_map(config, ev)
-    scores = score_samples(ev, prompts, world, samples_dir, mine, extractor, embedder, needs_map)
-    scores = _gather(scores, eval_dir, ev.task)
+    scores = scoring.score_samples(
+        ev, prompts, world, samples_dir, mine, extractor, embedder, needs_map
+    )
+    scores = scoring.gather(scores, eval_dir, ev.task)
     metrics_path = eval_dir / "metrics.json"
     if scores is not None:
-        metrics = summarise(scores, ev, eval_dir)
+        metrics = scoring.summarise(scores, ev, eval_dir)
         metrics.update(
             num_samples=int(ev.num_samples),
             sampler=sampler,

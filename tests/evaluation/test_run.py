@@ -22,6 +22,7 @@ from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.diffusion import maps
 from pdm_jax.evaluation import clip_score, fid
 from pdm_jax.evaluation import mcd as mcd_lib
+from pdm_jax.evaluation import prompts as eval_prompts
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.models import inception
 from pdm_jax.models.clip import ClipConfig, CLIPModel, ClipTextConfig, ClipVisionConfig
@@ -191,7 +192,7 @@ def test_missing_checkpoint_names_the_directory(tmp_path):
 
 def test_host_slices_partition_the_indices():
     for n, p in ((0, 3), (5, 8), (30_000, 7), (12, 1)):
-        slices = [evaluate.host_indices(n, i, p) for i in range(p)]
+        slices = [eval_prompts.host_indices(n, i, p) for i in range(p)]
         assert [i for s in slices for i in s] == list(range(n))
         assert max(map(len, slices)) - min(map(len, slices)) <= 1
 

@@ -1,0 +1,127 @@
+"""Evaluation's resumable sample store: one PNG per sample, written once, never regenerated.
+
+``settings.json`` records what the samples depend on; a later run with other settings is
+refused, and a run with more samples only samples the new indices.
+"""
+
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from etils import epath
+from PIL import Image, PngImagePlugin
+
+from pdm_jax import specs
+from pdm_jax.data.schema import DatasetInfo
+from pdm_jax.evaluation.prompts import host_indices
+from pdm_jax.sampling.sampler import Sampler
+
+
+def sample_name(i: int, suffix: str = "") -> str:
+    """File name of sample ``i`` (``suffix="_map"``: its generated map)."""
+    return f"{i:06d}{suffix}.png"
+
+
+def write_png(path: epath.Path, array: np.ndarray, text: dict[str, str]) -> None:
+    """Writes a PNG atomically (temporary name, then rename) with iTXt entries."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    tmp = path.parent / f"{path.name}.tmp"
+    with tmp.open("wb") as f:
+        Image.fromarray(array).save(f, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def read_png(path: epath.Path) -> tuple[np.ndarray, dict[str, str]]:
+    """A PNG's pixels and its text entries."""
+    with path.open("rb") as f, Image.open(f) as img:
+        img.load()
+        return np.asarray(img), dict(img.text)
+
+
+def check_settings(samples_dir: epath.Path, settings: dict[str, Any]) -> None:
+    """Writes ``settings.json`` or checks that existing samples were made the same way."""
+    path = samples_dir / "settings.json"
+    settings = json.loads(json.dumps(settings))
+    if path.exists():
+        found = json.loads(path.read_text())
+        diff = sorted(k for k in settings.keys() | found.keys() if found.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(
+                f"{samples_dir} holds samples made with other settings ({', '.join(diff)} "
+                f"differ: {[found.get(k) for k in diff]} vs {[settings.get(k) for k in diff]}). "
+                "Delete that directory or evaluate in another workdir."
+            )
+    elif jax.process_index() == 0:
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+
+
+def done_indices(samples_dir: epath.Path, needs_map: bool) -> set[int]:
+    """Indices whose files are complete (the image is written last)."""
+    names = {p.name for p in samples_dir.iterdir()} if samples_dir.exists() else set()
+    images = {int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit()}
+    return {i for i in images if not needs_map or sample_name(i, "_map") in names}
+
+
+def generate_samples(
+    config: specs.RunSpec,
+    ev: specs.EvalSpec,
+    prompts: Any,
+    info: DatasetInfo,
+    params: Any,
+    samples_dir: epath.Path,
+) -> tuple[int, float]:
+    """Samples this process's missing indices into ``samples_dir``.
+
+    Args:
+      config: the run's spec.
+      ev: the ``eval`` settings (``eval_settings``).
+      prompts: ``SyntheticPrompts`` or ``CocoPrompts``.
+      info: the dataset's codecs (``decode_latents``, ``empty_context``, categories).
+      params: host parameters.
+      samples_dir: where the sample files go.
+
+    Returns:
+      ``(number generated, seconds)``.
+    """
+    needs_map = config.model.has_map and ev.task == "cogenerate"
+    mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
+    done = done_indices(samples_dir, needs_map)
+    todo = [i for i in mine if i not in done]
+    if not todo:
+        return 0, 0.0
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    sampler = Sampler(
+        config.model, config.diffusion, config.sampler, info, params, batch_size=ev.batch_size
+    )
+    t0 = time.perf_counter()
+    desc = f"sampling ({ev.task})" + (
+        f" process {jax.process_index()}" if jax.process_count() > 1 else ""
+    )
+    with tqdm.tqdm(total=len(todo), unit="sample", desc=desc) as progress:
+        for lo in range(0, len(todo), sampler.batch_size):
+            indices = todo[lo : lo + sampler.batch_size]
+            batch_prompts = [prompts[i] for i in indices]
+            known = None
+            if ev.task == "given_map":
+                known = np.stack([p.map for p in batch_prompts])  # [B, M, M]
+            out = sampler(
+                [ev.seed + i for i in indices],
+                contexts=np.stack([p.context for p in batch_prompts]),  # [B, T, D]
+                task=ev.task,
+                known_maps=known,
+            )
+            for j, i in enumerate(indices):
+                if needs_map:
+                    ids = out.maps[j].astype(np.uint8)  # ids <= 200
+                    text = {"invalid_pixels": str(int(out.num_invalid[j]))}
+                    write_png(samples_dir / sample_name(i, "_map"), ids, text)
+                caption = {"caption": batch_prompts[j].caption}
+                write_png(samples_dir / sample_name(i), out.images[j], caption)
+            progress.update(len(indices))
+    return len(todo), time.perf_counter() - t0
