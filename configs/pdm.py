@@ -145,7 +145,7 @@ def _base_config() -> ml_collections.ConfigDict:
     sa.map = ""  # given_map / inpaint: a .npy of ids or a PNG (ids or category colours)
     sa.image = ""  # given_image / inpaint: an RGB PNG
     sa.mask = ""  # inpaint: PNG, white = regenerate, black = keep
-    sa.out_dir = ""  # default: <workdir>/sample_<step>
+    sa.out_dir = ""  # default: <workdir>/sample_<task>_step<N>
     sa.use_ema = True
 
     c.eval = ev = ml_collections.ConfigDict()

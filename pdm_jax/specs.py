@@ -201,7 +201,7 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         try:
             return annotation(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}={value!r} must be a {annotation.__name__}.") from None
+            raise ConfigError(f"{where}={value!r} must be of type {annotation.__name__}.") from None
     return value
 
 

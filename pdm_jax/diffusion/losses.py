@@ -50,8 +50,9 @@ class NoisedBatch:
     m_0: Array | None  # [B, fS, fS, bits]
 
 
-def _bcast(v: Array, like: Array) -> Array:
-    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+def bcast_like(v: Array, like: Array) -> Array:
+    """``v`` [B] (or a scalar) with trailing unit axes to broadcast against ``like``."""
+    return jnp.reshape(v, jnp.shape(v) + (1,) * (like.ndim - jnp.ndim(v)))
 
 
 def noise_inputs(
@@ -79,11 +80,11 @@ def noise_inputs(
     n = jax.random.randint(k_n, (batch,), 1, num_steps + 1)
     abar = schedule.alphas_cumprod[n - 1].astype(x_0.dtype)
     eps = jax.random.normal(k_eps, x_0.shape, x_0.dtype)
-    x_n = _bcast(jnp.sqrt(abar), x_0) * x_0 + _bcast(jnp.sqrt(1 - abar), x_0) * eps
+    x_n = bcast_like(jnp.sqrt(abar), x_0) * x_0 + bcast_like(jnp.sqrt(1 - abar), x_0) * eps
     m_n = None
     if m_0 is not None:
         eps_m = map_noise_std * jax.random.normal(k_map, m_0.shape, m_0.dtype)
-        m_n = _bcast(jnp.sqrt(abar), m_0) * m_0 + _bcast(jnp.sqrt(1 - abar), m_0) * eps_m
+        m_n = bcast_like(jnp.sqrt(abar), m_0) * m_0 + bcast_like(jnp.sqrt(1 - abar), m_0) * eps_m
     return NoisedBatch(n=n, x_n=x_n, abar=abar, eps=eps, m_n=m_n, m_0=m_0)
 
 
@@ -136,8 +137,8 @@ def image_target(noised: NoisedBatch, x_0: Array, image_prediction: str = "eps")
         return noised.eps
     if image_prediction == "x0":
         return x_0
-    a = _bcast(jnp.sqrt(noised.abar), x_0)  # v
-    s = _bcast(jnp.sqrt(1 - noised.abar), x_0)
+    a = bcast_like(jnp.sqrt(noised.abar), x_0)  # v
+    s = bcast_like(jnp.sqrt(1 - noised.abar), x_0)
     return a * noised.eps - s * x_0
 
 
@@ -233,8 +234,8 @@ def pdm_loss_terms(
             u = jax.random.uniform(jax.random.fold_in(rng, 2), x_0.shape[:1])
             given_map = u < given_map_prob
             given_image = (u >= given_map_prob) & (u < given_map_prob + given_image_prob)
-            m_in = jnp.where(_bcast(given_map, m_0), m_0.astype(m_in.dtype), m_in)
-            x_in = jnp.where(_bcast(given_image, x_0), x_0, x_in)
+            m_in = jnp.where(bcast_like(given_map, m_0), m_0.astype(m_in.dtype), m_in)
+            x_in = jnp.where(bcast_like(given_image, x_0), x_0, x_in)
             image_weight = jnp.where(given_image, 0.0, 1.0)
             map_weight = jnp.where(given_map, 0.0, 1.0)
         img_hat, m0_hat = denoise_fn(params, x_in, m_in, t_in, ctx)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from pdm_jax.diffusion import dpm_solver
 from pdm_jax.diffusion.guidance import guided
-from pdm_jax.diffusion.losses import check_image_prediction
+from pdm_jax.diffusion.losses import bcast_like, check_image_prediction
 from pdm_jax.diffusion.schedules import VPSchedule
 
 Array = jax.Array
@@ -45,10 +45,6 @@ class SamplerOptions:
     skip_type: str = "time_uniform"
     cfg_scale: float = 1.0
     lower_order_final: bool = True
-
-
-def _bcast(v: Array, like: Array) -> Array:
-    return jnp.reshape(v, jnp.shape(v) + (1,) * (like.ndim - jnp.ndim(v)))
 
 
 def to_data_prediction(
@@ -170,7 +166,9 @@ def sample_pdm(
         out = net(x_t, m_t, t_model)
         img, map0 = out if map_shape is not None else (out, None)
         alpha, sigma = schedule.marginal_alpha(t), schedule.marginal_std(t)
-        x0 = to_data_prediction(img, x_t, _bcast(alpha, x_t), _bcast(sigma, x_t), image_prediction)
+        x0 = to_data_prediction(
+            img, x_t, bcast_like(alpha, x_t), bcast_like(sigma, x_t), image_prediction
+        )
         preds = {"x": x0, "m": map0}
         return {k: preds[k] for k in state}
 
