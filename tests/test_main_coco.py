@@ -26,14 +26,15 @@ from flax import traverse_util
 from PIL import Image
 
 from configs import pdm as pdm_configs
-from pdm_jax import models
-from pdm_jax.data import pipeline
+from pdm_jax import models, specs
+from pdm_jax.data import schema
 from pdm_jax.data.coco import encoders as coco_encoders
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.data.coco import prepare as prepare_coco
 from pdm_jax.models.clip import ClipTextConfig, CLIPTextModel
 from pdm_jax.models.vae import AutoencoderKL
 from pdm_jax.sampling import mode as sample_mode
+from pdm_jax.sampling.sampler import Sampler
 from pdm_jax.weights import components
 from pdm_jax.weights.torch_io import save_safetensors
 from tests.data import fake_coco
@@ -191,7 +192,7 @@ def expected(setup):
     decode = lambda latents: np.asarray(decode_fn(jnp.asarray(latents))).astype(np.uint8)
 
     lookup = dict(zip(prompts, contexts, strict=True))
-    info = pipeline.DatasetInfo(
+    info = schema.DatasetInfo(
         empty_context=empty,
         encode_text=lambda captions: np.stack([lookup[c] for c in captions]),
         encode_images=None,
@@ -200,8 +201,9 @@ def expected(setup):
         colour_table=coco.colour_table(),
         eval_prompts=(),
     )
-    sampler = sample_mode.Sampler(setup["config"], info, batch_size=1)
-    samples = sampler(setup["params"], list(prompts), [SEED] * len(prompts))
+    run = specs.from_config(setup["config"])
+    sampler = Sampler(run.model, run.diffusion, run.sampler, info, setup["params"], batch_size=1)
+    samples = sampler([SEED] * len(prompts), captions=list(prompts))
     return samples, contexts, empty
 
 
@@ -298,11 +300,11 @@ def test_sampling_without_prepared_data_matches_and_needs_prompts(setup, expecte
     config.sample.prompt = PROMPT
     config.model.clip_dim = 768
     with pytest.raises(ValueError, match=r"shape \(16, 32\).*\(16, 768\)"):
-        sample_mode.dataset_info(config)
+        sample_mode.dataset_info(specs.from_config(config).data)
     config.model.clip_dim = 32
     config.data.clip = ""
     with pytest.raises(FileNotFoundError, match="--text_encoder"):
-        sample_mode.dataset_info(config)
+        sample_mode.dataset_info(specs.from_config(config).data)
 
 
 def test_weight_flags_reject_missing_paths_and_non_coco_configs(setup, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from configs.pdm import get_config
 from pdm_jax import checkpointing, sharding, specs
-from pdm_jax.data import pipeline
+from pdm_jax.data import pipeline, schema
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.data.coco import prepare as prepare_coco
 from pdm_jax.data.coco import source as coco_source
@@ -63,7 +63,7 @@ def _read(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     config = get_config("demo,tiny=1")
-    config.eval = ml_collections.ConfigDict({"num_samples": 12, "batch_size": 8, "seed": 5})
+    config.eval.update(num_samples=12, batch_size=8, seed=5)
     workdir = tmp_path_factory.mktemp("synthetic")
     _save_fresh_checkpoint(config, workdir)
     metrics = evaluate.run_evaluate(config, str(workdir))
@@ -311,8 +311,8 @@ def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
     _, prepared, weights = coco_setup
     config = get_config("one_stream,tiny=1")
     config.data.update(source="coco", dir=prepared, latent_scale=1.0)
-    config.eval = ml_collections.ConfigDict(
-        {
+    config.eval.update(
+        **{
             "num_samples": 7,
             "batch_size": 8,
             "inception": str(weights / "inception.npz"),
@@ -323,7 +323,7 @@ def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
     )
     _save_fresh_checkpoint(config, tmp_path)
     source = coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
-    info = pipeline.DatasetInfo(
+    info = schema.DatasetInfo(
         empty_context=source.empty_context,
         encode_text=_HashedContexts(),
         encode_images=lambda images: _BlockMeanMoments()(images)[0],
