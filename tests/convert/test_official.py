@@ -1,13 +1,14 @@
 """Official PyTorch U-ViT / PDM ↔ pdm_jax conversion, against golden official outputs.
 
 Golden fixtures (``data/official_{uvit,one_stream,two_stream}_tiny.npz``, written by
-``data/make_official_fixtures.py`` from the official ``libs/uvit_t2i.py``): seed 0,
-kwargs ``img_size=8, patch_size=2, in_chans=4, embed_dim=16, depth=4, num_heads=2,
-mlp_ratio=4, clip_dim=8, num_clip_token=3`` (+ ``qkv_bias, mlp_time_embed`` for the U-ViT
-from baofff/U-ViT; ``enable_panoptic, separate`` for the PDMs), every parameter randomised
-(zero convs included). Inputs, batch 2, NHWC: ``x [2, 8, 8, 4]``, ``m [2, 8, 8, 8]``,
-``t [2]`` in [1, 1000], ``context [2, 3, 8]``; outputs ``eps [2, 8, 8, 4]``,
-``map0 [2, 8, 8, 8]`` and ``eps_given`` (``use_ground_truth=True``). No torch needed.
+``tests/convert/make_official_fixtures.py`` from the official ``libs/uvit_t2i.py``; its
+docstring gives the seeds and the parameter refill): kwargs ``img_size=8, patch_size=2,
+in_chans=4, embed_dim=16, depth=4, num_heads=2, mlp_ratio=4, clip_dim=8, num_clip_token=3``
+(+ ``qkv_bias, mlp_time_embed`` for the U-ViT from baofff/U-ViT; ``enable_panoptic,
+separate`` for the PDMs), every parameter randomised (zero convs included). Inputs, batch
+2, NHWC: ``x [2, 8, 8, 4]``, ``m [2, 8, 8, 8]``, ``t [2]`` in [1, 1000], ``context [2, 3,
+8]``; outputs ``eps [2, 8, 8, 4]``, ``map0 [2, 8, 8, 8]`` and ``eps_given``
+(``use_ground_truth=True``). No torch needed.
 """
 
 import json
