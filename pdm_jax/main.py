@@ -8,6 +8,9 @@ them (``pdm_jax.evaluation.run``). Any config field can be overridden with
 ``--config.a.b=value``. For COCO configs, ``--text_encoder=DIR`` (a local CLIP text
 directory: raw prompts) and ``--vae=PATH`` (the autoencoder: latents → PNGs) set
 ``config.data.clip`` and ``config.data.vae``.
+
+Paths may be relative, start with ``~`` or be URLs (``gs://``): ``--workdir`` and the
+config's path fields are resolved once, first (``pdm_jax.paths``).
 """
 
 import logging as std_logging
@@ -19,7 +22,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import checkpointing, sharding
+from pdm_jax import checkpointing, paths, sharding
 from pdm_jax.evaluation import demo
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
@@ -60,7 +63,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 for _flag in ("text_encoder", "vae"):
     flags.register_validator(
         _flag,
-        lambda path: path is None or os.path.exists(path),
+        lambda path: path is None or paths.is_url(path) or os.path.exists(paths.resolve(path)),
         message="the path does not exist; pass a local file or directory.",
     )
 
@@ -100,6 +103,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     _apply_weight_flags(config)
+    paths.resolve_config_paths(config)
+    workdir = paths.resolve(_WORKDIR.value)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     sharding.setup_cpu_devices(config, int(config.train.batch_size))
     if _DISTRIBUTED.value:
@@ -111,7 +116,7 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
-        MODES[_MODE.value](config, _WORKDIR.value)
+        MODES[_MODE.value](config, workdir)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from pdm_jax import checkpointing
+from pdm_jax import checkpointing, paths
 from pdm_jax.convert import official
 from pdm_jax.weights import components
 from pdm_jax.weights.clip import _model_and_tokenizer_dirs, load_clip_text
@@ -79,6 +79,7 @@ def convert(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--model_kwargs", default="", help="official UViT kwargs as JSON")
     parser.add_argument("--use_ema", type=int, default=1, help="export: EMA params if present")
     args = parser.parse_args(argv)
+    args.input, args.output = paths.resolve(args.input), paths.resolve(args.output)
 
     if args.kind in ("uvit", "pdm"):
         state_dict = load_state_dict(args.input)

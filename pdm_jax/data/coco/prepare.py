@@ -34,6 +34,7 @@ import tqdm
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from pdm_jax import paths
 from pdm_jax.data.coco import encoders, records
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.diffusion import maps
@@ -363,6 +364,7 @@ def main(argv: Sequence[str]) -> None:
     for name in ("coco_dir", "output_dir", "vae", "clip"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
+        setattr(FLAGS, name, paths.resolve(getattr(FLAGS, name)))  # relative, ~ or gs://
     from pdm_jax.weights import clip as hf_clip
     from pdm_jax.weights import vae as vae_convert
 
