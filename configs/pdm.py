@@ -132,6 +132,9 @@ def _base_config() -> ml_collections.ConfigDict:
     ck.init_from = ""
     ck.max_to_keep = 3
     ck.freeze_image_stream = False
+    # A two_stream run from scratch (no init_from, nothing to resume) is refused: its frozen
+    # image stream would stay random. True allows it on purpose (tests, benchmarks).
+    ck.allow_random_frozen_stream = False
     ck.use_ema_for_init = True  # init_from takes the EMA parameters when present
     ck.async_save = True
 

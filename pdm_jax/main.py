@@ -10,7 +10,9 @@ directory: raw prompts) and ``--vae=PATH`` (the autoencoder: latents → PNGs) s
 ``config.data.clip`` and ``config.data.vae``.
 
 Paths may be relative, start with ``~`` or be URLs (``gs://``): ``--workdir`` and the
-config's path fields are resolved once, first (``pdm_jax.paths``).
+config's path fields are resolved once, first (``pdm_jax.paths``). Before the mode runs,
+``pdm_jax.train.preflight`` checks what it will need later (weights, evaluation files, a
+pretrained frozen stream), so a run fails at start rather than hours in.
 """
 
 import logging as std_logging
@@ -26,7 +28,7 @@ from pdm_jax import checkpointing, paths, sharding
 from pdm_jax.evaluation import demo
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
-from pdm_jax.train import trainer
+from pdm_jax.train import preflight, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and variant, e.g. configs/pdm.py:demo.", lock_config=True
@@ -63,7 +65,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 for _flag in ("text_encoder", "vae"):
     flags.register_validator(
         _flag,
-        lambda path: path is None or paths.is_url(path) or os.path.exists(paths.resolve(path)),
+        lambda path: path is None or os.path.exists(paths.resolve(path)),  # local only
         message="the path does not exist; pass a local file or directory.",
     )
 
@@ -71,6 +73,7 @@ for _flag in ("text_encoder", "vae"):
 _USER_ERRORS = (
     checkpointing.CheckpointNotFoundError,
     checkpointing.ConfigMismatchError,
+    preflight.PreflightError,
     trainer.NonFiniteLossError,
     FileNotFoundError,
 )
@@ -116,6 +119,7 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
+        preflight.preflight(config, _MODE.value, workdir)
         MODES[_MODE.value](config, workdir)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)

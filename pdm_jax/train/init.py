@@ -7,7 +7,8 @@ Where training starts (``restore_or_initialize``), first match wins:
    resume it the same way;
 3. ``ckpt.init_from`` → parameters only (EMA ones by default), e.g. a U-ViT checkpoint
    merged into the two-stream image stream; fresh optimizer, step 0;
-4. from scratch.
+4. from scratch (refused for a frozen two-stream image stream unless
+   ``ckpt.allow_random_frozen_stream``: ``preflight.check_frozen_image_stream``).
 
 :class:`SignalGuard` turns SIGTERM/SIGINT into a flag the loop polls so it can save first.
 """
@@ -24,6 +25,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from pdm_jax import checkpointing, models
+from pdm_jax.train import preflight
 from pdm_jax.train import state as state_lib
 
 
@@ -105,6 +107,7 @@ def restore_or_initialize(
 
         state = jax.jit(init, out_shardings=shardings)(rng, loaded)
         return state, shardings, f"parameters from {where} (ckpt.init_from)"
+    preflight.check_frozen_image_stream(config, resuming=False)
     state, shardings = state_lib.create_train_state(config, rng, mesh)
     return state, shardings, "from scratch"
 

@@ -5,7 +5,8 @@ so training needs no network besides the denoiser. Sampling and evaluation need 
 VAE decoder to turn latents into 256×256 PNGs (``config.data.vae``), and the CLIP text
 encoder to turn raw prompts into contexts (``config.data.clip``). Both are loaded lazily,
 on first use, from local paths — an original checkpoint or a ``python -m pdm_jax.convert``
-directory.
+directory — once per process (``pdm_jax.train.preflight`` loads them at start-up). The eval
+captions (the training grids' prompts) come with their stored contexts and need no CLIP.
 """
 
 import functools
@@ -23,6 +24,22 @@ from pdm_jax.data.coco.source import coco_source_from_config
 SPLITS = {"train": "train", "held_out": "val", "val": "val", "eval": "val"}
 
 
+@functools.lru_cache(maxsize=4)
+def load_vae_once(path: str) -> tuple[Any, Any]:
+    """``load_vae(path)``, once per process: the start-up check and the decoder share it."""
+    from pdm_jax.weights.vae import load_vae
+
+    return load_vae(path)
+
+
+@functools.lru_cache(maxsize=4)
+def load_text_encoder_once(path: str) -> Any:
+    """``load_text_encoder(path)``, once per process (as ``load_vae_once``)."""
+    from pdm_jax.weights.clip import load_text_encoder
+
+    return load_text_encoder(path)
+
+
 class _LazyVAE:
     """Loads the VAE on first use; encodes uint8 images and decodes scaled latents."""
 
@@ -37,9 +54,7 @@ class _LazyVAE:
                 "<autoencoder_kl.pth, a diffusers vae/ directory or a `pdm_jax.convert vae` "
                 "output>."
             )
-        from pdm_jax.weights.vae import load_vae
-
-        module, params = load_vae(self.path)
+        module, params = load_vae_once(self.path)
         encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode_moments"))
         decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
         return module, params, encode, decode
@@ -72,12 +87,26 @@ class _LazyText:
                 "--config.data.clip)=<local clip-vit-large-patch14 directory or a "
                 "`pdm_jax.convert clip_text` output>."
             )
-        from pdm_jax.weights.clip import load_text_encoder
-
-        return load_text_encoder(self.path)
+        return load_text_encoder_once(self.path)
 
     def __call__(self, captions: Sequence[str]) -> np.ndarray:
         return np.asarray(self._encoder.encode(list(captions)), np.float32)
+
+
+class _KnownContexts:
+    """Captions whose contexts the prepared data holds need no CLIP; others go to CLIP.
+
+    The training grids sample the dataset's eval captions: with their stored contexts, a
+    run needs no text encoder (only the VAE, to decode the grid).
+    """
+
+    def __init__(self, known: dict[str, np.ndarray], text: _LazyText):
+        self.known, self.text = known, text
+
+    def __call__(self, captions: Sequence[str]) -> np.ndarray:
+        if all(c in self.known for c in captions):
+            return np.stack([self.known[c] for c in captions]).astype(np.float32)
+        return self.text(captions)
 
 
 def coco_dataset(config: ml_collections.ConfigDict, split: str) -> tuple[Any, Any]:
@@ -99,10 +128,12 @@ def coco_dataset(config: ml_collections.ConfigDict, split: str) -> tuple[Any, An
     source = coco_source_from_config(config, SPLITS[split])
     vae = _LazyVAE(str(config.data.get("vae", "")), float(config.data.latent_scale))
     num_eval = int(config.train.get("num_eval_prompts", 8))
-    prompts = tuple(source.record(i)["captions"][0] for i in range(min(num_eval, len(source))))
+    first = [source.record(i) for i in range(min(num_eval, len(source)))]
+    prompts = tuple(rec["captions"][0] for rec in first)
+    contexts = {rec["captions"][0]: np.asarray(rec["contexts"][0], np.float32) for rec in first}
     info = DatasetInfo(
         empty_context=np.asarray(source.empty_context, np.float32),
-        encode_text=_LazyText(str(config.data.get("clip", ""))),
+        encode_text=_KnownContexts(contexts, _LazyText(str(config.data.get("clip", "")))),
         encode_images=vae.encode,
         decode_latents=vae.decode,
         category_names=coco.category_names(),
