@@ -128,6 +128,8 @@ def _base_config() -> ml_collections.ConfigDict:
     sh.cpu_devices = 0
 
     c.ckpt = ck = ml_collections.ConfigDict()
+    # A run's workdir, checkpoints directory or step directory; a step of the workdir's own
+    # checkpoints resumes that step when the latest cannot be read (README, Checkpoints).
     ck.resume_from = ""
     ck.init_from = ""
     ck.max_to_keep = 3

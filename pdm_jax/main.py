@@ -73,6 +73,7 @@ for _flag in ("text_encoder", "vae"):
 _USER_ERRORS = (
     checkpointing.CheckpointNotFoundError,
     checkpointing.ConfigMismatchError,
+    checkpointing.CorruptCheckpointError,
     preflight.PreflightError,
     trainer.NonFiniteLossError,
     FileNotFoundError,

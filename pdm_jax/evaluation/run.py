@@ -200,11 +200,14 @@ def load_eval_params(
     Raises:
       CheckpointNotFoundError: naming the directory looked in.
       ConfigMismatchError: listing mismatched parameter paths and shapes.
+      CorruptCheckpointError: the step cannot be read (names the ``eval.step`` to use).
     """
     root, step = checkpointing.locate(
         checkpointing.checkpoint_dir(workdir), None if step < 0 else step
     )
-    params, where = checkpointing.load_params(root / str(step), use_ema=use_ema)
+    params, where = checkpointing.load_params(
+        root / str(step), use_ema=use_ema, fix="Rerun with --config.eval.step={step}"
+    )
     lines = checkpointing.param_mismatches(params, models.abstract_params(config.model))
     if lines:
         raise checkpointing.mismatch_error(where, lines, config.model.name)

@@ -401,10 +401,15 @@ def load_sampling_params(config: ml_collections.ConfigDict, workdir: str) -> tup
     Raises:
       CheckpointNotFoundError: naming the directory looked in.
       ConfigMismatchError: listing mismatched parameter paths and shapes.
+      CorruptCheckpointError: the step cannot be read (names the ``sample.step`` to use).
     """
     step = None if config.sample.step < 0 else int(config.sample.step)
     root, step = checkpointing.locate(checkpointing.checkpoint_dir(workdir), step)
-    params, where = checkpointing.load_params(root / str(step), use_ema=config.sample.use_ema)
+    params, where = checkpointing.load_params(
+        root / str(step),
+        use_ema=config.sample.use_ema,
+        fix="Rerun with --config.sample.step={step}",
+    )
     lines = checkpointing.param_mismatches(params, models.abstract_params(config.model))
     if lines:
         raise checkpointing.mismatch_error(where, lines, config.model.name)
