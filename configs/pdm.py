@@ -128,10 +128,15 @@ def _base_config() -> ml_collections.ConfigDict:
     sh.cpu_devices = 0
 
     c.ckpt = ck = ml_collections.ConfigDict()
+    # A run's workdir, checkpoints directory or step directory; a step of the workdir's own
+    # checkpoints resumes that step when the latest cannot be read (README, Checkpoints).
     ck.resume_from = ""
     ck.init_from = ""
     ck.max_to_keep = 3
     ck.freeze_image_stream = False
+    # A two_stream run from scratch (no init_from, nothing to resume) is refused: its frozen
+    # image stream would stay random. True allows it on purpose (tests, benchmarks).
+    ck.allow_random_frozen_stream = False
     ck.use_ema_for_init = True  # init_from takes the EMA parameters when present
     ck.async_save = True
 

@@ -13,8 +13,10 @@ layout.
 """
 
 import dataclasses
+import gc
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -33,6 +35,22 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 class ConfigMismatchError(ValueError):
     """A checkpoint's parameters do not fit the config; the message lists the differences."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's files cannot be read (truncated by a full disk, an incomplete copy).
+
+    The message names the unreadable step directory, the newest earlier step that was read
+    in full, and the flag that uses it. Nothing falls back to another step on its own.
+    """
+
+
+# How to use an intact step instead, per caller; ``{step}`` and ``{path}`` name it.
+RESUME_FIX = (
+    "To resume training from it, rerun with --config.ckpt.resume_from={path} (a step of the "
+    "run's own checkpoints: the later steps are then moved to <workdir>/checkpoints_superseded)"
+)
+LOAD_FIX = "Pass that step directory ({path}) instead"
 
 
 def checkpoint_dir(workdir: str | epath.Path) -> epath.Path:
@@ -193,6 +211,8 @@ def restore_state(
     target: Any,
     model_name: str,
     data_iterator: Any | None = None,
+    *,
+    fix: str = RESUME_FIX,
 ) -> Any:
     """Restores the full state (placed as ``target`` says) and the data iterator in place.
 
@@ -202,23 +222,30 @@ def restore_state(
       target: abstract state with shardings (``abstract_train_state``).
       model_name: the config's ``model.name`` (named in errors).
       data_iterator: a grain iterator to restore, or None.
+      fix: how to use an intact step instead (``{step}``, ``{path}``), for the message.
 
     Returns:
       The restored state.
 
     Raises:
       ConfigMismatchError: listing the parameters whose paths or shapes differ.
+      CorruptCheckpointError: the step's files cannot be read (names an intact step).
     """
     where = str(epath.Path(manager.directory) / str(step))
-    tree = _state_tree(manager, step)
+    read_all = lambda s: read_state_on_host(manager, s)
+    tree = _read_or_raise_corrupt(manager, step, lambda s: _state_tree(manager, s), fix, read_all)
     lines = param_mismatches(tree.get("params", {}), target.params)
     if lines:
         raise mismatch_error(where, lines, model_name)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: item}))
-    except (ValueError, KeyError, TypeError) as e:
+    args = ocp.args.Composite(**{STATE: item})
+    restored, e = try_read(lambda s: manager.restore(s, args=args), step)
+    if e is not None:
+        # Unreadable files, or a layout that differs: reading the step as it was saved tells.
+        _read_or_raise_corrupt(manager, step, read_all, fix)
+        if not isinstance(e, ValueError | KeyError | TypeError):
+            raise e
         raise ConfigMismatchError(
             f"Could not restore the train state at {where} into the config's layout (the "
             f"parameters match; the optimizer state differs, e.g. another "
@@ -244,18 +271,32 @@ def restore_state(
     return restored[STATE]
 
 
-def load_params(path: str | epath.Path, use_ema: bool = True) -> tuple[Any, str]:
+def load_params(
+    path: str | epath.Path, use_ema: bool = True, *, fix: str = LOAD_FIX
+) -> tuple[Any, str]:
     """Loads only the parameters of a checkpoint (host arrays).
 
     Args:
       path: a workdir, checkpoints directory or step directory.
       use_ema: take ``ema_params`` when the checkpoint has them.
+      fix: how to use an intact step instead (``{step}``, ``{path}``), for the message.
 
     Returns:
       ``(params, where)``.
+
+    Raises:
+      CorruptCheckpointError: the step's files cannot be read (names an intact step).
     """
     root, step = locate(path)
     manager = create_manager(root, read_only=True)
+    read = lambda s: _read_params(manager, s, use_ema)
+    params = _read_or_raise_corrupt(manager, step, read, fix)
+    return params, str(root / str(step))
+
+
+def _read_params(manager: ocp.CheckpointManager, step: int, use_ema: bool) -> Any:
+    """The (EMA) parameters of one step as host arrays (``load_params``'s read)."""
+    root = epath.Path(manager.directory)
     tree = _state_tree(manager, step)
     key = "ema_params" if use_ema and "ema_params" in tree else "params"
     if key not in tree:
@@ -272,4 +313,115 @@ def load_params(path: str | epath.Path, use_ema: bool = True) -> tuple[Any, str]
             **{STATE: ocp.args.PyTreeRestore(item=sub, restore_args=args, partial_restore=True)}
         ),
     )
-    return jax.tree.map(np.asarray, restored[STATE][key]), str(root / str(step))
+    return jax.tree.map(np.asarray, restored[STATE][key])
+
+
+def read_state_on_host(manager: ocp.CheckpointManager, step: int) -> Any:
+    """Reads a step's whole ``state`` item as saved, as numpy arrays (no target needed).
+
+    It checks that every array of the step can be read, whatever the config.
+    """
+    tree = _state_tree(manager, step)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(restore_args=args)})
+    )
+    return restored[STATE]
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The innermost cause of a read error, one line, without tensorstore's spec dump."""
+    seen = set()
+    while error.__cause__ is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__
+    text = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec=")[0]
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def try_read(read: Callable[[int], Any], step: int) -> tuple[Any, Exception | None]:
+    """``(read(step), None)``, or ``(None, error)`` when reading the step raises.
+
+    ``CheckpointNotFoundError`` and ``ConfigMismatchError`` pass through: they are not read
+    errors. The error comes back without its traceback, and the reads it left pending
+    inside orbax are collected here with Python's "Exception ignored in <coroutine>"
+    reports of them silenced: the error already says what failed.
+    """
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        try:
+            return read(step), None
+        except (CheckpointNotFoundError, ConfigMismatchError):
+            raise
+        except Exception as e:
+            error = e
+        cause, seen = error, set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            cause.__traceback__ = None
+            cause = cause.__cause__ or cause.__context__
+        gc.collect()
+        return None, error
+    finally:
+        sys.unraisablehook = previous
+
+
+def _read_or_raise_corrupt(
+    manager: ocp.CheckpointManager,
+    step: int,
+    read: Callable[[int], Any],
+    fix: str,
+    check: Callable[[int], Any] | None = None,
+) -> Any:
+    """``read(step)``; when the step cannot be read, ``corrupt_checkpoint_error`` (raised).
+
+    ``check`` (default ``read``) is tried on the earlier steps to find an intact one.
+    """
+    value, error = try_read(read, step)
+    if error is not None:
+        raise corrupt_checkpoint_error(manager, step, _first_line(error), check or read, fix)
+    return value
+
+
+def corrupt_checkpoint_error(
+    manager: ocp.CheckpointManager,
+    step: int,
+    reason: str,
+    read: Callable[[int], Any],
+    fix: str,
+) -> CorruptCheckpointError:
+    """The error for an unreadable ``step``, naming the newest earlier step ``read`` reads.
+
+    Args:
+      manager: a manager over the checkpoints directory.
+      step: the unreadable step.
+      reason: the read error, one line.
+      read: ``step -> value``: the read that failed (or a fuller one), tried on the
+        earlier steps, newest first.
+      fix: how to use the intact step (``{step}`` and ``{path}`` are filled in).
+
+    Returns:
+      The error (not raised).
+    """
+    root = epath.Path(manager.directory)
+    failed = []
+    for earlier in sorted((s for s in manager.all_steps() if s < step), reverse=True):
+        if try_read(read, earlier)[1] is None:
+            how = fix.format(step=earlier, path=root / str(earlier))
+            return CorruptCheckpointError(
+                f"Checkpoint {root / str(step)} cannot be read ({reason}); its files are "
+                f"damaged (a full disk or an incomplete copy truncates them). Step {earlier} "
+                f"({root / str(earlier)}) can be read"
+                + (f"; steps {failed} in between do not" if failed else "")
+                + f". {how}. Nothing was restored."
+            )
+        failed.append(earlier)
+    checked = f"steps {failed} cannot be read either" if failed else "it has no earlier step"
+    return CorruptCheckpointError(
+        f"Checkpoint {root / str(step)} cannot be read ({reason}); its files are damaged (a "
+        f"full disk or an incomplete copy truncates them), and {root} has no intact step "
+        f"to use instead ({checked}). Restore the directory from a copy, or start again "
+        "(e.g. from --config.ckpt.init_from) in a new workdir."
+    )

@@ -8,6 +8,11 @@ them (``pdm_jax.evaluation.run``). Any config field can be overridden with
 ``--config.a.b=value``. For COCO configs, ``--text_encoder=DIR`` (a local CLIP text
 directory: raw prompts) and ``--vae=PATH`` (the autoencoder: latents → PNGs) set
 ``config.data.clip`` and ``config.data.vae``.
+
+Paths may be relative, start with ``~`` or be URLs (``gs://``): ``--workdir`` and the
+config's path fields are resolved once, first (``pdm_jax.paths``). Before the mode runs,
+``pdm_jax.preflight`` checks what it will need later (weights, evaluation files, a
+pretrained frozen stream), so a run fails at start rather than hours in.
 """
 
 import logging as std_logging
@@ -19,7 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import checkpointing, sharding, specs
+from pdm_jax import checkpointing, paths, preflight, sharding, specs
 from pdm_jax.evaluation import demo
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
@@ -60,7 +65,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 for _flag in ("text_encoder", "vae"):
     flags.register_validator(
         _flag,
-        lambda path: path is None or os.path.exists(path),
+        lambda path: path is None or os.path.exists(paths.resolve(path)),  # local only
         message="the path does not exist; pass a local file or directory.",
     )
 
@@ -68,6 +73,7 @@ for _flag in ("text_encoder", "vae"):
 _USER_ERRORS = (
     checkpointing.CheckpointNotFoundError,
     checkpointing.ConfigMismatchError,
+    checkpointing.CorruptCheckpointError,
     trainer.NonFiniteLossError,
     specs.ConfigError,
     FileNotFoundError,
@@ -101,6 +107,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     _apply_weight_flags(config)
+    paths.resolve_config_paths(config)
+    workdir = paths.resolve(_WORKDIR.value)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     sharding.setup_cpu_devices(config, sharding.mode_batch_size(config, _MODE.value))
     if _DISTRIBUTED.value:
@@ -112,8 +120,8 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
-        run = specs.from_config(config)
-        MODES[_MODE.value](run, _WORKDIR.value)
+        run = preflight.preflight(specs.from_config(config), _MODE.value, workdir)
+        MODES[_MODE.value](run, workdir)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)

@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config field is missing, unknown or of the wrong type; the message names it."""
 
 
+class PreflightError(ConfigError):
+    """A run would fail (or waste itself) later; raised at start-up, naming the fix."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """The ``config.sampler`` group: DPM-Solver++ settings, the default task, x̂₀ clipping."""
@@ -94,6 +98,7 @@ class CheckpointSpec:
     init_from: str
     max_to_keep: int
     freeze_image_stream: bool
+    allow_random_frozen_stream: bool
     use_ema_for_init: bool
     async_save: bool
 

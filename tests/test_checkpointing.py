@@ -20,7 +20,7 @@ from pdm_jax.train import state as state_lib
 from pdm_jax.train import trainer
 from tests.train import saved_states
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(arg="demo,tiny=1", steps=2):

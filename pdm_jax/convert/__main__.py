@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from pdm_jax import checkpointing
+from pdm_jax import checkpointing, paths
 from pdm_jax.convert import official
 from pdm_jax.weights import components
 from pdm_jax.weights.clip import _model_and_tokenizer_dirs, load_clip_text
@@ -166,6 +166,9 @@ def convert(argv: Sequence[str] | None = None) -> str:
     if isinstance(args, str):
         print(args, end="")
         raise SystemExit(0)
+    args = dataclasses.replace(
+        args, input=paths.resolve(args.input), output=paths.resolve(args.output)
+    )
 
     if args.kind in ("uvit", "pdm"):
         state_dict = load_state_dict(args.input)

@@ -62,7 +62,9 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     workdir = epath.Path(workdir)
     world = synthetic.synthetic_world(config.data)
     _, info = pipeline.create_source(config.data, "held_out")
-    params, step = load_params(str(workdir), -1, True, config.model)
+    params, step = load_params(
+        str(workdir), -1, True, config.model, step_flag="--mode=evaluate --config.eval.step"
+    )
     n = int(config.demo.num_prompts)
     ref = world.held_out_prompts(n)
     captions, ref_maps = list(ref["caption"]), ref["map"]

@@ -40,6 +40,7 @@ from pdm_jax import sharding
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.evaluation import fid
 from pdm_jax.models import inception
+from pdm_jax.paths import resolve as resolve_path
 
 
 def load_inception_variables(path: str) -> dict:
@@ -205,6 +206,8 @@ def run(fv: flags.FlagValues) -> str:
     """
     if not fv.inception or not fv.output:
         raise app.UsageError("--inception and --output are required.")
+    for name in ("inception", "images", "coco_dir", "output"):  # relative, ~ or gs://
+        setattr(fv, name, resolve_path(getattr(fv, name)))
     if bool(fv.images) == bool(fv.coco_dir):
         raise app.UsageError("Pass exactly one of --images=FOLDER and --coco_dir=COCO_ROOT.")
     if fv.coco_dir:

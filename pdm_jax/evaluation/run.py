@@ -109,7 +109,9 @@ def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
     config = specs.as_run_spec(config)
     ev = eval_settings(config)
     workdir = epath.Path(workdir)
-    params, step = load_params(str(workdir), ev.step, ev.use_ema, config.model)
+    params, step = load_params(
+        str(workdir), ev.step, ev.use_ema, config.model, step_flag="--config.eval.step"
+    )
     if info is None:
         _, info = pipeline.create_source(config.data, "held_out")
     prompts, world = prompts_lib.eval_prompts(config)

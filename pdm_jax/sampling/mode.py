@@ -58,7 +58,7 @@ def run(config: Any, workdir: str) -> epath.Path:
     """
     run_spec = specs.as_run_spec(config)
     s, model, task = run_spec.sample, run_spec.model, run_spec.sampler.task
-    params, step = load_params(workdir, s.step, s.use_ema, model)
+    params, step = load_params(workdir, s.step, s.use_ema, model, step_flag="--config.sample.step")
     info = dataset_info(run_spec.data)
     prompts = inputs.read_prompts(s, info)
     captions = [p for p in prompts for _ in range(s.num_samples)]

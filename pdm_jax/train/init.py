@@ -2,12 +2,19 @@
 
 Where training starts (``restore_or_initialize``), first match wins:
 
-1. ``<workdir>/checkpoints`` has a checkpoint → resume it (state and data order);
-2. ``ckpt.resume_from`` (a workdir, a checkpoints directory or one step directory) →
+1. ``ckpt.resume_from`` names a step directory of ``<workdir>/checkpoints`` itself and the
+   latest step there cannot be read → resume that step; the later steps are moved to
+   ``<workdir>/checkpoints_superseded/`` (``resume_own_step``);
+2. ``<workdir>/checkpoints`` has a checkpoint → resume the latest (state and data order);
+3. ``ckpt.resume_from`` (a workdir, a checkpoints directory or one step directory) →
    resume it the same way;
-3. ``ckpt.init_from`` → parameters only (EMA ones by default), e.g. a U-ViT checkpoint
+4. ``ckpt.init_from`` → parameters only (EMA ones by default), e.g. a U-ViT checkpoint
    merged into the two-stream image stream; fresh optimizer, step 0;
-4. from scratch.
+5. from scratch (refused for a frozen two-stream image stream unless
+   ``ckpt.allow_random_frozen_stream``: ``check_frozen_image_stream``).
+
+A step whose files cannot be read stops the run with ``CorruptCheckpointError``, naming
+the newest intact step and the ``ckpt.resume_from`` that resumes it (rule 1).
 
 :class:`SignalGuard` turns SIGTERM/SIGINT into a flag the loop polls so it can save first.
 """
@@ -20,11 +27,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pdm_jax import checkpointing, models
+from pdm_jax import checkpointing, models, specs
 from pdm_jax.specs import RunSpec
 from pdm_jax.train import state as state_lib
+
+# Where rule 1 of the resume order moves the steps after the one it resumes.
+SUPERSEDED = "checkpoints_superseded"
 
 
 def abstract_train_state(
@@ -84,6 +95,13 @@ def restore_or_initialize(
       ``(state, shardings, origin)``; ``origin`` says where the state came from.
     """
     target, shardings = abstract_train_state(config, mesh)
+    own_step = resume_own_step(config, workdir, manager)
+    if own_step is not None:
+        state = checkpointing.restore_state(
+            manager, own_step, target, config.model.name, data_iterator
+        )
+        where = checkpointing.checkpoint_dir(workdir) / str(own_step)
+        return state, shardings, f"resumed {where} (ckpt.resume_from)"
     if manager.latest_step() is not None:
         step = manager.latest_step()
         state = checkpointing.restore_state(manager, step, target, config.model.name, data_iterator)
@@ -96,7 +114,9 @@ def restore_or_initialize(
     rng = jax.random.key(config.seed)
     if config.ckpt.init_from:
         loaded, where = checkpointing.load_params(
-            config.ckpt.init_from, config.ckpt.use_ema_for_init
+            config.ckpt.init_from,
+            config.ckpt.use_ema_for_init,
+            fix="Rerun with --config.ckpt.init_from={path}",
         )
         params_fn = initial_params_fn(config, loaded, where)
 
@@ -105,8 +125,120 @@ def restore_or_initialize(
 
         state = jax.jit(init, out_shardings=shardings)(rng, loaded)
         return state, shardings, f"parameters from {where} (ckpt.init_from)"
+    check_frozen_image_stream(config, resuming=False)
     state, shardings = state_lib.create_train_state(config, rng, mesh)
     return state, shardings, "from scratch"
+
+
+def resume_own_step(
+    config: RunSpec, workdir: str | epath.Path, manager: ocp.CheckpointManager
+) -> int | None:
+    """Rule 1 of the resume order: an intact earlier step of the run's own checkpoints.
+
+    When ``ckpt.resume_from`` is ``<workdir>/checkpoints/<step>`` and a later step exists,
+    the latest step is read: if it cannot be (a damaged checkpoint), the steps after
+    ``<step>`` are moved to ``<workdir>/checkpoints_superseded/`` (kept, not deleted;
+    training would otherwise collide with them) and ``<step>`` is resumed. If it can be,
+    the run has moved on since (a restart with the same flags): the latest wins, with a
+    warning. To roll back over readable steps, move them away by hand.
+
+    Args:
+      config: the full config (``ckpt.resume_from``).
+      workdir: the run's directory.
+      manager: the run's manager (reloaded after moving steps).
+
+    Returns:
+      The step to resume, or None when rule 1 does not apply.
+
+    Raises:
+      CheckpointNotFoundError: the named step does not exist.
+    """
+    path = config.ckpt.resume_from
+    own = checkpointing.checkpoint_dir(workdir)
+    if not path or not epath.Path(path).name.isdigit():
+        return None
+    if not _same_directory(epath.Path(path).parent, own):
+        return None
+    step = int(epath.Path(path).name)
+    steps = sorted(manager.all_steps())
+    if step not in steps:
+        raise checkpointing.CheckpointNotFoundError(
+            f"ckpt.resume_from={path}: no checkpoint for step {step} in {own}; available "
+            f"steps: {steps}."
+        )
+    later = [s for s in steps if s > step]
+    if not later:
+        return step
+    _, error = checkpointing.try_read(
+        lambda s: checkpointing.read_state_on_host(manager, s), later[-1]
+    )
+    if error is None:
+        logging.warning(
+            "ckpt.resume_from=%s names step %d of this run, but its latest step %d can be "
+            "read: resuming step %d (the run has moved on since). To roll back over intact "
+            "steps, move them out of %s first.",
+            path,
+            step,
+            later[-1],
+            later[-1],
+            own,
+        )
+        return None
+    moved = epath.Path(workdir) / SUPERSEDED
+    if jax.process_index() == 0:
+        moved.mkdir(parents=True, exist_ok=True)
+        for s in later:
+            target = moved / str(s)
+            n = 1
+            while target.exists():
+                target, n = moved / f"{s}-{n}", n + 1
+            (own / str(s)).rename(target)
+            logging.warning("ckpt.resume_from=%s: moved step %d to %s.", path, s, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("pdm_resume_own_step")
+    manager.reload()
+    return step
+
+
+def _same_directory(a: epath.Path, b: epath.Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    except (OSError, NotImplementedError):
+        return False
+
+
+def check_frozen_image_stream(config: RunSpec, *, resuming: bool) -> None:
+    """Refuses to train a frozen image stream that would stay at its random initialisation.
+
+    Args:
+      config: the full config (``model.name``, ``ckpt``).
+      resuming: whether the run restores a saved train state.
+
+    Raises:
+      PreflightError: for ``two_stream`` with ``ckpt.freeze_image_stream`` starting from
+        scratch (no ``ckpt.init_from``), unless ``ckpt.allow_random_frozen_stream``.
+    """
+    ck = config.ckpt
+    frozen = config.model.name == "two_stream" and ck.freeze_image_stream
+    if not frozen or resuming or ck.init_from:
+        return
+    if ck.allow_random_frozen_stream:
+        logging.warning(
+            "Training a two-stream PDM whose frozen image stream is randomly initialised "
+            "(ckpt.allow_random_frozen_stream=True): its images will stay noise."
+        )
+        return
+    raise specs.PreflightError(
+        "This two-stream PDM freezes its image stream (ckpt.freeze_image_stream=True) but "
+        "starts from scratch: the frozen stream would stay random and the map stream would "
+        "learn against noise. Initialise the image stream from a pretrained U-ViT with "
+        "--config.ckpt.init_from=<U-ViT checkpoint> (a `uvit` training workdir, or the "
+        "output of `python -m pdm_jax.convert uvit`; README, Weights). To train it from "
+        "random weights on purpose (tests, benchmarks), pass "
+        "--config.ckpt.allow_random_frozen_stream=True."
+    )
 
 
 class SignalGuard:

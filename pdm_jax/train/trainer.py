@@ -11,7 +11,8 @@
   with ``ReportProgress`` adding steps/s and an ETA;
 * every ``eval_every_steps``: ``<workdir>/samples/step_<N>.png`` (caption | image | map)
   sampled with the EMA parameters;
-* every ``checkpoint_every_steps``, at the end and on SIGTERM/SIGINT: a checkpoint.
+* every ``checkpoint_every_steps``, at the end and on SIGTERM/SIGINT: a checkpoint, saved
+  before that step's grid (a stop signal skips the grid).
 
 The host checks the losses and norms of every step before a checkpoint is written; a NaN
 or Inf stops training with ``NonFiniteLossError`` naming the step, so the last checkpoint
@@ -184,6 +185,12 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                     )
                     tick, tick_step = now, step
                     writer.write_scalars(step, summary)
+                # The step's checkpoint comes first: a failing grid loses no training.
+                if step % t.checkpoint_every_steps == 0 or last or guard.requested:
+                    save(state)
+                if guard.requested:
+                    manager.wait_until_finished()
+                    raise TrainingInterrupted(guard.signum, step, ckpt_dir)
                 if sampler is not None and (step % t.eval_every_steps == 0 or last):
                     buffer.drain()
                     paused = time.perf_counter()
@@ -192,11 +199,6 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                             sampler, state, info, workdir / "samples" / f"step_{step:07d}.png"
                         )
                     tick += time.perf_counter() - paused  # examples/s counts training only
-                if step % t.checkpoint_every_steps == 0 or last or guard.requested:
-                    save(state)
-                if guard.requested:
-                    manager.wait_until_finished()
-                    raise TrainingInterrupted(guard.signum, step, ckpt_dir)
             if manager.latest_step() != int(jax.device_get(state.step)):
                 save(state)
     except NonFiniteLossError as e:

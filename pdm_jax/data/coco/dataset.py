@@ -5,7 +5,8 @@ so training needs no network besides the denoiser. Sampling and evaluation need 
 VAE decoder to turn latents into 256×256 PNGs (``config.data.vae``), and the CLIP text
 encoder to turn raw prompts into contexts (``config.data.clip``). Both are loaded lazily,
 on first use, from local paths — an original checkpoint or a ``python -m pdm_jax.convert``
-directory.
+directory — once per process (``pdm_jax.preflight`` loads them at start-up). The eval
+captions (the training grids' prompts) come with their stored contexts and need no CLIP.
 """
 
 import functools
@@ -25,6 +26,18 @@ from pdm_jax.weights.vae import load_vae
 SPLITS = {"train": "train", "held_out": "val", "val": "val", "eval": "val"}
 
 
+@functools.lru_cache(maxsize=4)
+def load_vae_once(path: str) -> tuple[Any, Any]:
+    """``load_vae(path)``, once per process: the start-up check and the decoder share it."""
+    return load_vae(path)
+
+
+@functools.lru_cache(maxsize=4)
+def load_text_encoder_once(path: str) -> Any:
+    """``load_text_encoder(path)``, once per process (as ``load_vae_once``)."""
+    return load_text_encoder(path)
+
+
 class _LazyVAE:
     """Loads the VAE on first use; encodes uint8 images and decodes scaled latents."""
 
@@ -39,7 +52,7 @@ class _LazyVAE:
                 "<autoencoder_kl.pth, a diffusers vae/ directory or a `pdm_jax.convert vae` "
                 "output>."
             )
-        module, params = load_vae(self.path)
+        module, params = load_vae_once(self.path)
         encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode_moments"))
         decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))
         return module, params, encode, decode
@@ -72,10 +85,26 @@ class _LazyText:
                 "--config.data.clip)=<local clip-vit-large-patch14 directory or a "
                 "`pdm_jax.convert clip_text` output>."
             )
-        return load_text_encoder(self.path)
+        return load_text_encoder_once(self.path)
 
     def __call__(self, captions: Sequence[str]) -> np.ndarray:
         return np.asarray(self._encoder.encode(list(captions)), np.float32)
+
+
+class _KnownContexts:
+    """Captions whose contexts the prepared data holds need no CLIP; others go to CLIP.
+
+    The training grids sample the dataset's eval captions: with their stored contexts, a
+    run needs no text encoder (only the VAE, to decode the grid).
+    """
+
+    def __init__(self, known: dict[str, np.ndarray], text: _LazyText):
+        self.known, self.text = known, text
+
+    def __call__(self, captions: Sequence[str]) -> np.ndarray:
+        if all(c in self.known for c in captions):
+            return np.stack([self.known[c] for c in captions]).astype(np.float32)
+        return self.text(captions)
 
 
 def coco_dataset(data: DataSpec, split: str) -> tuple[Any, DatasetInfo]:
@@ -93,11 +122,12 @@ def coco_dataset(data: DataSpec, split: str) -> tuple[Any, DatasetInfo]:
         raise ValueError(f"Unknown COCO split {split!r}; choose one of {sorted(SPLITS)}.")
     source = coco_source_from_spec(data, SPLITS[split])
     vae = _LazyVAE(data.vae, data.latent_scale)
-    num_eval = min(data.num_eval_prompts, len(source))
-    prompts = tuple(source.record(i)["captions"][0] for i in range(num_eval))
+    first = [source.record(i) for i in range(min(data.num_eval_prompts, len(source)))]
+    prompts = tuple(rec["captions"][0] for rec in first)
+    contexts = {rec["captions"][0]: np.asarray(rec["contexts"][0], np.float32) for rec in first}
     info = DatasetInfo(
         empty_context=np.asarray(source.empty_context, np.float32),
-        encode_text=_LazyText(data.clip),
+        encode_text=_KnownContexts(contexts, _LazyText(data.clip)),
         encode_images=vae.encode,
         decode_latents=vae.decode,
         category_names=coco.category_names(),

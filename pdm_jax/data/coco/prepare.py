@@ -34,6 +34,7 @@ import tqdm
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from pdm_jax import paths
 from pdm_jax.data.coco import encoders, records
 from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.diffusion import maps
@@ -394,6 +395,7 @@ def main(argv: Sequence[str]) -> None:
     for name in ("coco_dir", "output_dir", "vae", "clip"):
         if not getattr(flags.FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
+        setattr(flags.FLAGS, name, paths.resolve(getattr(flags.FLAGS, name)))  # relative, ~
     dtype = jnp.dtype(flags.FLAGS.compute_dtype)
     module, params = vae_convert.load_vae(flags.FLAGS.vae, dtype=dtype)
     if flags.FLAGS.scale_factor is not None:

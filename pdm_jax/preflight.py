@@ -1,0 +1,174 @@
+"""Start-up checks: what a later phase of a run needs is checked before the run starts.
+
+A COCO run reads the VAE for the first time at its first sample grid (hours in) and an
+evaluation at the end of its first sampled batch; a two-stream run from scratch trains a
+map stream against a random frozen image stream without a word. ``preflight(config, mode,
+workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
+
+* ``train``: a frozen image stream (``two_stream``) has pretrained weights to start from
+  (``pdm_jax.train.init.check_frozen_image_stream``); on COCO with sample grids
+  (``train.eval_every_steps > 0``), the VAE that decodes them: unset turns the grids off
+  with a warning, set but unreadable is refused. The grids sample the dataset's eval captions, whose contexts the
+  prepared data holds, so they need no CLIP.
+* ``sample`` on COCO: the VAE, and the CLIP text encoder for raw prompts
+  (``sample.prompt``/``sample.prompts_file``, or any prompt without ``data.dir``).
+* ``evaluate``: ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist when
+  set; on COCO, the VAE.
+* ``train`` and ``evaluate`` on COCO: ``data.dir`` is set.
+
+Every refusal is a :class:`PreflightError` naming the flag that fixes it.
+"""
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from pdm_jax import checkpointing, specs
+from pdm_jax.data.coco import dataset as coco_dataset
+from pdm_jax.evaluation import fid
+from pdm_jax.evaluation import run as evaluate
+from pdm_jax.specs import PreflightError
+from pdm_jax.train import init as init_lib
+
+__all__ = ["PreflightError", "preflight"]
+
+
+_VAE_FORMS = (
+    "autoencoder_kl.pth, a diffusers vae/ directory or a `python -m pdm_jax.convert vae` output"
+)
+_CLIP_FORMS = (
+    "a local clip-vit-large-patch14 directory or a `python -m pdm_jax.convert clip_text` output"
+)
+
+
+def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
+    """Checks what ``mode`` will need; may turn the training grids off (with a warning).
+
+    Args:
+      config: the run's ``RunSpec`` (or its ``ConfigDict``), paths already resolved.
+      mode: ``train``, ``sample`` or ``evaluate``.
+      workdir: the run's directory.
+
+    Returns:
+      The spec to run with: ``train.eval_every_steps`` is 0 when a COCO run has no VAE
+      for its grids.
+
+    Raises:
+      PreflightError: naming the flag that fixes the problem.
+    """
+    config = specs.as_run_spec(config)
+    coco = config.data.source == "coco"
+    if mode == "train":
+        init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))
+    if coco and mode in ("train", "evaluate") and not config.data.dir:
+        raise PreflightError(
+            f"--mode={mode} on COCO reads the prepared data, and data.dir is unset: pass "
+            "--config.data.dir=<the --output_dir of python -m pdm_jax.data.coco.prepare>."
+        )
+    if mode == "train" and coco and config.train.eval_every_steps > 0:
+        config = _check_grid_vae(config)
+    elif mode == "sample" and coco:
+        _check_vae(config, "Sample mode decodes the sampled latents with it")
+        s = config.sample
+        if s.prompt or s.prompts_file or not config.data.dir:
+            why = "raw prompts" if s.prompt or s.prompts_file else "sampling without data.dir"
+            _check_text_encoder(config, f"{why} (the CLIP contexts the model is conditioned on)")
+    elif mode == "evaluate":
+        _check_eval_files(config)
+        if coco:
+            _check_vae(config, "Evaluation decodes every sample with it before scoring")
+    return config
+
+
+def _will_resume(config: specs.RunSpec, workdir: str) -> bool:
+    """Whether training will restore a state (own checkpoints or ``ckpt.resume_from``)."""
+    if config.ckpt.resume_from:
+        return True
+    directory = checkpointing.checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return False
+    return bool(checkpointing.create_manager(directory, read_only=True).all_steps())
+
+
+def _check_grid_vae(config: specs.RunSpec) -> specs.RunSpec:
+    if not config.data.vae:
+        logging.warning(
+            "Sample grids are off: decoding COCO latents to images needs the VAE, and "
+            "data.vae is unset. Pass --vae=PATH (or --config.data.vae=PATH; %s) to write "
+            "<workdir>/samples/step_<N>.png every train.eval_every_steps (%d).",
+            _VAE_FORMS,
+            config.train.eval_every_steps,
+        )
+        return config.replace(train=dataclasses.replace(config.train, eval_every_steps=0))
+    _check_vae(config, "The sample grids written every train.eval_every_steps decode with it")
+    return config
+
+
+def _check_vae(config: specs.RunSpec, why: str) -> None:
+    """Loads ``data.vae`` now (the run's lazy loader reuses it) or refuses."""
+    path = config.data.vae
+    if not path:
+        raise PreflightError(
+            f"This COCO run needs the VAE and data.vae is unset. {why}. Pass --vae=PATH (or "
+            f"--config.data.vae=PATH): {_VAE_FORMS}."
+        )
+    _load_or_refuse(coco_dataset.load_vae_once, path, "data.vae", "--vae", _VAE_FORMS, why)
+
+
+def _check_text_encoder(config: specs.RunSpec, why: str) -> None:
+    """Loads ``data.clip`` now (the run's lazy loader reuses it) or refuses."""
+    path = config.data.clip
+    if not path:
+        raise PreflightError(
+            f"This COCO run needs the CLIP text encoder for {why}, and data.clip is unset. "
+            f"Pass --text_encoder=DIR (or --config.data.clip=DIR): {_CLIP_FORMS}."
+        )
+    _load_or_refuse(
+        coco_dataset.load_text_encoder_once,
+        path,
+        "data.clip",
+        "--text_encoder",
+        _CLIP_FORMS,
+        f"It encodes {why}",
+    )
+
+
+def _load_or_refuse(load, path: str, field: str, flag: str, forms: str, why: str) -> Any:
+    try:
+        return load(path)
+    except Exception as e:
+        raise PreflightError(
+            f"{field}={path} cannot be loaded ({type(e).__name__}: {e}). {why}. Pass a "
+            f"working {flag}=PATH ({forms})."
+        ) from e
+
+
+def _check_eval_files(config: specs.RunSpec) -> None:
+    """``eval.*`` settings valid, their files present, the reference statistics readable."""
+    try:
+        ev = evaluate.eval_settings(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise PreflightError(f"{e} (checked before sampling starts)") from e
+    if ev.fid_stats:
+        try:
+            with epath.Path(ev.fid_stats).open("rb") as f:
+                mu, sigma = fid.load_stats(f)
+        except Exception as e:
+            raise PreflightError(
+                f"eval.fid_stats={ev.fid_stats} cannot be read ({type(e).__name__}: {e}); "
+                "write it with python -m pdm_jax.evaluation.reference_stats and pass "
+                "--config.eval.fid_stats=PATH."
+            ) from e
+        if np.ndim(mu) != 1 or np.shape(sigma) != (len(mu), len(mu)):
+            raise PreflightError(
+                f"eval.fid_stats={ev.fid_stats} holds mu {np.shape(mu)} and sigma "
+                f"{np.shape(sigma)}; FID statistics are mu [D] and sigma [D, D]."
+            )
+        if not ev.inception:
+            logging.warning(
+                "eval.fid_stats is set but eval.inception is not: FID is skipped. Pass "
+                "--config.eval.inception=<pt_inception-2015-12-05-6726825d.pth> to score it."
+            )

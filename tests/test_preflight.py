@@ -1,0 +1,200 @@
+"""Start-up checks (``pdm_jax.preflight``) and the trainer's save-before-grid order."""
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pdm as pdm_configs
+from pdm_jax import checkpointing, models, preflight, sharding
+from pdm_jax.models.vae import AutoencoderKL
+from pdm_jax.train import init as init_lib
+from pdm_jax.train import trainer
+from pdm_jax.weights import components
+from tests.data import fake_coco
+from tests.train import saved_states
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _two_stream():
+    c = pdm_configs.get_config("two_stream,tiny=1")
+    c.data.update(source="synthetic", num_workers=0, num_records=256)
+    c.model.update(in_chans=3, map_patch_factor=1)
+    return c
+
+
+def _restore(config, workdir):
+    mesh = sharding.create_mesh()
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(workdir))
+    return init_lib.restore_or_initialize(config, workdir, mesh, manager)
+
+
+def test_two_stream_from_scratch_is_refused_before_the_state_is_built(tmp_path, monkeypatch):
+    config = _two_stream()
+    built = []
+    monkeypatch.setattr(
+        init_lib.state_lib, "create_train_state", lambda *a: built.append(1) or 1 / 0
+    )
+    with pytest.raises(preflight.PreflightError) as info:
+        _restore(config, tmp_path)
+    message = str(info.value)
+    assert "--config.ckpt.init_from=<U-ViT checkpoint>" in message
+    assert "--config.ckpt.allow_random_frozen_stream=True" in message
+    assert not built
+    with pytest.raises(preflight.PreflightError, match="init_from"):
+        preflight.preflight(config, "train", str(tmp_path))
+    # Not a frozen stream, or something to start from: no objection.
+    for update in (
+        dict(allow_random_frozen_stream=True),
+        dict(freeze_image_stream=False),
+        dict(init_from=str(tmp_path / "uvit")),
+        dict(resume_from=str(tmp_path / "run")),
+    ):
+        c = _two_stream()
+        c.ckpt.update(**update)
+        preflight.preflight(c, "train", str(tmp_path))
+    # A workdir with a checkpoint resumes it.
+    shapes = models.abstract_params(config.model)
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    saved_states.save_state(tmp_path / "own", saved_states.params_only_state(params), config)
+    preflight.preflight(config, "train", str(tmp_path / "own"))
+
+
+def test_allowed_random_frozen_stream_starts_from_scratch(tmp_path, caplog):
+    config = _two_stream()
+    config.ckpt.allow_random_frozen_stream = True
+    with caplog.at_level(logging.WARNING):
+        state, _, origin = _restore(config, tmp_path)
+    assert origin == "from scratch" and int(state.step) == 0
+    assert "allow_random_frozen_stream=True" in caplog.text
+
+
+def test_main_refuses_two_stream_from_scratch_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdm_jax.main",
+            "--config=configs/pdm.py:two_stream,tiny=1",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: This two-stream PDM freezes its image stream" in result.stderr
+    assert "--config.ckpt.allow_random_frozen_stream=True" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A tiny VAE in the ``python -m pdm_jax.convert vae`` layout."""
+    vae = AutoencoderKL(fake_coco.TINY_VAE)
+    shapes = jax.eval_shape(vae.init, jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes["params"])
+    path = tmp_path_factory.mktemp("weights") / "vae"
+    components.save_component(str(path), "vae", params, fake_coco.TINY_VAE)
+    return str(path)
+
+
+def _coco(**data):
+    c = pdm_configs.get_config("one_stream,tiny=1")
+    c.data.update(**{"source": "coco", "dir": "/data/coco_pdm", **data})
+    c.train.eval_every_steps = 1000
+    return c
+
+
+def test_coco_training_without_a_vae_turns_the_grids_off_with_a_warning(tmp_path, caplog):
+    config = _coco()
+    with caplog.at_level(logging.WARNING):
+        preflight.preflight(config, "train", str(tmp_path))
+    assert config.train.eval_every_steps == 0
+    assert "Sample grids are off" in caplog.text and "--vae=PATH" in caplog.text
+
+
+def test_coco_training_refuses_a_vae_it_cannot_load(tmp_path, vae_dir):
+    with pytest.raises(preflight.PreflightError, match=r"data.vae=.*no_such_vae.*--vae=PATH"):
+        preflight.preflight(_coco(vae=str(tmp_path / "no_such_vae")), "train", str(tmp_path))
+    garbage = tmp_path / "autoencoder_kl.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(preflight.PreflightError, match="cannot be loaded"):
+        preflight.preflight(_coco(vae=str(garbage)), "train", str(tmp_path))
+    config = _coco(vae=vae_dir)
+    preflight.preflight(config, "train", str(tmp_path))
+    assert config.train.eval_every_steps == 1000
+    config = _coco(vae=vae_dir, dir="")
+    with pytest.raises(preflight.PreflightError, match=r"--config.data.dir="):
+        preflight.preflight(config, "train", str(tmp_path))
+
+
+def test_coco_sampling_needs_the_vae_and_clip_only_for_raw_prompts(tmp_path, vae_dir):
+    with pytest.raises(preflight.PreflightError, match="--vae=PATH"):
+        preflight.preflight(_coco(), "sample", str(tmp_path))
+    config = _coco(vae=vae_dir)
+    preflight.preflight(config, "sample", str(tmp_path))  # dataset captions, stored contexts
+    config.sample.prompt = "a dog on a wooden floor"
+    with pytest.raises(preflight.PreflightError, match=r"raw prompts.*--text_encoder=DIR"):
+        preflight.preflight(config, "sample", str(tmp_path))
+    config = _coco(vae=vae_dir, dir="")
+    with pytest.raises(preflight.PreflightError, match=r"without data.dir.*--text_encoder"):
+        preflight.preflight(config, "sample", str(tmp_path))
+    config = _coco(vae=vae_dir, clip=str(tmp_path / "no_clip"))
+    config.sample.prompts_file = str(tmp_path / "prompts.txt")
+    with pytest.raises(preflight.PreflightError, match=r"data.clip=.*no_clip.*cannot be loaded"):
+        preflight.preflight(config, "sample", str(tmp_path))
+
+
+def test_evaluation_files_are_checked_before_sampling(tmp_path, vae_dir, caplog):
+    config = _coco(vae=vae_dir)
+    preflight.preflight(config, "evaluate", str(tmp_path))
+    config.eval.fid_stats = str(tmp_path / "missing.npz")
+    with pytest.raises(preflight.PreflightError, match=r"eval.fid_stats=.*missing.npz"):
+        preflight.preflight(config, "evaluate", str(tmp_path))
+    (tmp_path / "bad.npz").write_bytes(b"truncated")
+    config.eval.fid_stats = str(tmp_path / "bad.npz")
+    with pytest.raises(preflight.PreflightError, match="cannot be read"):
+        preflight.preflight(config, "evaluate", str(tmp_path))
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
+    config.eval.fid_stats = str(tmp_path / "ok.npz")
+    with caplog.at_level(logging.WARNING):
+        preflight.preflight(config, "evaluate", str(tmp_path))
+    assert "FID is skipped" in caplog.text
+    config.eval.inception = str(tmp_path / "no_inception.pth")
+    with pytest.raises(preflight.PreflightError, match=r"eval.inception=.*does not exist"):
+        preflight.preflight(config, "evaluate", str(tmp_path))
+    config = _coco()
+    with pytest.raises(preflight.PreflightError, match=r"Evaluation decodes.*--vae=PATH"):
+        preflight.preflight(config, "evaluate", str(tmp_path))
+    # The synthetic world needs no weights.
+    preflight.preflight(pdm_configs.get_config("demo,tiny=1"), "evaluate", str(tmp_path))
+
+
+def test_the_checkpoint_of_a_step_is_saved_before_its_grid(tmp_path, monkeypatch):
+    """A grid that fails (e.g. no VAE) loses no training: the step's checkpoint is there."""
+    config = pdm_configs.get_config("demo,tiny=1")
+    config.data.update(num_workers=0, num_threads=1, prefetch=8, num_records=256)
+    config.train.update(
+        num_train_steps=2,
+        log_every_steps=1,
+        eval_every_steps=2,
+        checkpoint_every_steps=2,
+        num_eval_prompts=2,
+    )
+
+    def failing_grid(*args):
+        raise FileNotFoundError("Decoding COCO latents needs the VAE")
+
+    monkeypatch.setattr(trainer, "_write_sample_grid", failing_grid)
+    with pytest.raises(FileNotFoundError, match="needs the VAE"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    root = checkpointing.checkpoint_dir(tmp_path)
+    assert checkpointing.locate(root) == (root, 2)
