@@ -8,8 +8,8 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
 * ``train``: a frozen image stream (``two_stream``) has pretrained weights to start from
   (``pdm_jax.train.init.check_frozen_image_stream``); on COCO with sample grids
   (``train.eval_every_steps > 0``), the VAE that decodes them: unset turns the grids off
-  with a warning, set but unreadable is refused. The grids sample the dataset's eval captions, whose contexts the
-  prepared data holds, so they need no CLIP.
+  with a warning, set but unreadable is refused. The grids sample the dataset's eval
+  captions, whose contexts the prepared data holds, so they need no CLIP.
 * ``sample`` on COCO: the VAE, and the CLIP text encoder for raw prompts
   (``sample.prompt``/``sample.prompts_file``, or any prompt without ``data.dir``).
 * ``evaluate``: ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist when

@@ -14,7 +14,7 @@ import chex
 import pytest
 
 from configs import pdm as pdm_configs
-from pdm_jax import checkpointing, sharding
+from pdm_jax import checkpointing, sharding, specs
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
 from pdm_jax.train import init as init_lib
@@ -154,7 +154,7 @@ def test_a_readable_checkpoint_of_another_optimizer_layout_is_a_config_mismatch(
     config = _config(2)
     config.optim.grad_clip_norm = 1.0  # one more optimizer stage: another opt_state tree
     mesh = sharding.create_mesh()
-    target, _ = init_lib.abstract_train_state(config, mesh)
+    target, _ = init_lib.abstract_train_state(specs.from_config(config), mesh)
     manager = checkpointing.create_manager(damaged / "pristine" / "checkpoints", read_only=True)
     with pytest.raises(checkpointing.ConfigMismatchError, match="optimizer state differs"):
         checkpointing.restore_state(manager, 2, target, config.model.name)

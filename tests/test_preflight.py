@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import pdm as pdm_configs
-from pdm_jax import checkpointing, models, preflight, sharding
+from pdm_jax import checkpointing, models, preflight, sharding, specs
 from pdm_jax.models.vae import AutoencoderKL
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import trainer
@@ -31,7 +31,7 @@ def _two_stream():
 def _restore(config, workdir):
     mesh = sharding.create_mesh()
     manager = checkpointing.create_manager(checkpointing.checkpoint_dir(workdir))
-    return init_lib.restore_or_initialize(config, workdir, mesh, manager)
+    return init_lib.restore_or_initialize(specs.from_config(config), workdir, mesh, manager)
 
 
 def test_two_stream_from_scratch_is_refused_before_the_state_is_built(tmp_path, monkeypatch):
@@ -116,8 +116,8 @@ def _coco(**data):
 def test_coco_training_without_a_vae_turns_the_grids_off_with_a_warning(tmp_path, caplog):
     config = _coco()
     with caplog.at_level(logging.WARNING):
-        preflight.preflight(config, "train", str(tmp_path))
-    assert config.train.eval_every_steps == 0
+        run = preflight.preflight(config, "train", str(tmp_path))
+    assert run.train.eval_every_steps == 0
     assert "Sample grids are off" in caplog.text and "--vae=PATH" in caplog.text
 
 
@@ -129,8 +129,8 @@ def test_coco_training_refuses_a_vae_it_cannot_load(tmp_path, vae_dir):
     with pytest.raises(preflight.PreflightError, match="cannot be loaded"):
         preflight.preflight(_coco(vae=str(garbage)), "train", str(tmp_path))
     config = _coco(vae=vae_dir)
-    preflight.preflight(config, "train", str(tmp_path))
-    assert config.train.eval_every_steps == 1000
+    run = preflight.preflight(config, "train", str(tmp_path))
+    assert run.train.eval_every_steps == 1000
     config = _coco(vae=vae_dir, dir="")
     with pytest.raises(preflight.PreflightError, match=r"--config.data.dir="):
         preflight.preflight(config, "train", str(tmp_path))
