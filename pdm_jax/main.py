@@ -30,11 +30,6 @@ from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
 from pdm_jax.train import trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file and variant, e.g. configs/pdm.py:demo.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-
 
 def _train(run: specs.RunSpec, workdir: str) -> None:
     trainer.train_and_evaluate(run, workdir)
@@ -43,31 +38,51 @@ def _train(run: specs.RunSpec, workdir: str) -> None:
 
 
 MODES = {"train": _train, "sample": sample_mode.run, "evaluate": evaluate.run_evaluate}
-_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM GPU clusters).",
-)
-_TEXT_ENCODER = flags.DEFINE_string(
-    "text_encoder",
-    None,
-    "COCO configs: local CLIP ViT-L/14 text directory (Hugging Face folder, SD root or a "
-    "`pdm_jax.convert clip_text` output) for raw prompts; sets config.data.clip.",
-)
-_VAE = flags.DEFINE_string(
-    "vae",
-    None,
-    "COCO configs: VAE checkpoint (autoencoder_kl.pth, a diffusers vae/ directory or a "
-    "`pdm_jax.convert vae` output) that decodes latents to PNGs; sets config.data.vae.",
-)
-flags.mark_flags_as_required(["config", "workdir"])
-for _flag in ("text_encoder", "vae"):
-    flags.register_validator(
-        _flag,
-        lambda path: path is None or os.path.exists(paths.resolve(path)),  # local only
-        message="the path does not exist; pass a local file or directory.",
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Defines the command's flags (when it runs, never at import: the names are common)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file and variant, e.g. configs/pdm.py:demo.",
+        flag_values=fv,
+        lock_config=True,
     )
+    flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, logs and samples.", flag_values=fv
+    )
+    flags.DEFINE_enum("mode", "train", list(MODES), "What to run.", flag_values=fv)
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM GPU clusters).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "text_encoder",
+        None,
+        "COCO configs: local CLIP ViT-L/14 text directory (Hugging Face folder, SD root or a "
+        "`pdm_jax.convert clip_text` output) for raw prompts; sets config.data.clip.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "vae",
+        None,
+        "COCO configs: VAE checkpoint (autoencoder_kl.pth, a diffusers vae/ directory or a "
+        "`pdm_jax.convert vae` output) that decodes latents to PNGs; sets config.data.vae.",
+        flag_values=fv,
+    )
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+    for name in ("text_encoder", "vae"):
+        flags.register_validator(
+            name,
+            lambda path: path is None or os.path.exists(paths.resolve(path)),  # local only
+            message="the path does not exist; pass a local file or directory.",
+            flag_values=fv,
+        )
+
 
 # Errors whose message says what went wrong and how to fix it: no traceback needed.
 _USER_ERRORS = (
@@ -89,7 +104,7 @@ class _QuietLibraries(std_logging.Filter):
 
 def _apply_weight_flags(config: ml_collections.ConfigDict) -> None:
     """``--text_encoder`` / ``--vae`` → ``config.data.clip`` / ``config.data.vae``."""
-    given = {"clip": _TEXT_ENCODER.value, "vae": _VAE.value}
+    given = {"clip": FLAGS.text_encoder, "vae": FLAGS.vae}
     given = {field: path for field, path in given.items() if path is not None}
     if given and config.data.source != "coco":
         raise app.UsageError(
@@ -105,13 +120,13 @@ def main(argv: list[str]) -> None:
     """Runs ``--mode`` with ``--config`` in ``--workdir``."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
+    config = FLAGS.config
     _apply_weight_flags(config)
     paths.resolve_config_paths(config)
-    workdir = paths.resolve(_WORKDIR.value)
+    workdir = paths.resolve(FLAGS.workdir)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    sharding.setup_cpu_devices(config, sharding.mode_batch_size(config, _MODE.value))
-    if _DISTRIBUTED.value:
+    sharding.setup_cpu_devices(config, sharding.mode_batch_size(config, FLAGS.mode))
+    if FLAGS.distributed:
         jax.distributed.initialize()
     logging.info(
         "JAX devices: %s (process %d of %d)",
@@ -120,8 +135,8 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
-        run = preflight.preflight(specs.from_config(config), _MODE.value, workdir)
-        MODES[_MODE.value](run, workdir)
+        run = preflight.preflight(specs.from_config(config), FLAGS.mode, workdir)
+        MODES[FLAGS.mode](run, workdir)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)
@@ -131,4 +146,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

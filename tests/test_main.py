@@ -75,3 +75,21 @@ def test_cpu_split_follows_the_mode_batch(tmp_path, mode, devices):
     listed = ", ".join(f"CpuDevice(id={i})" for i in range(devices))
     assert f"JAX devices: [{listed}] (process 0 of 1)" in result.stderr
     assert "No checkpoint at" in result.stderr
+
+
+def test_importing_the_command_line_modules_defines_no_flags():
+    # Flags are defined when a program runs, never at import: two modules defining
+    # --batch_size or --vae at import would clash in one process (a notebook, a test).
+    code = (
+        "from absl import flags\n"
+        "before = set(flags.FLAGS)\n"
+        "import pdm_jax.main, pdm_jax.benchmark, pdm_jax.data.coco.prepare\n"
+        "import pdm_jax.evaluation.reference_stats, pdm_jax.convert.__main__\n"
+        "ours = {'config', 'workdir', 'mode', 'vae', 'text_encoder', 'batch_size', 'what',\n"
+        "        'coco_dir', 'output_dir', 'clip', 'inception', 'output', 'input', 'steps'}\n"
+        "print(sorted((set(flags.FLAGS) - before) & ours))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
