@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-node GPU training under SLURM: one process per node, all local GPUs per process.
 #
-#   sbatch --nodes=4 --gpus-per-node=8 launch/slurm_gpu.sh configs/pdm.py:two_stream /shared/pdm
+#   sbatch --nodes=4 --gpus-per-node=8 launch/slurm_gpu.sh configs/pdm.py:two_stream /shared/pdm \
+#       --config.data.dir=/shared/coco_pdm --config.ckpt.init_from=/shared/uvit
 #
 # jax.distributed.initialize() reads the SLURM environment (coordinator, process ids).
 #SBATCH --ntasks-per-node=1
