@@ -1,5 +1,6 @@
 r"""python -m pdm_jax.main --config=configs/pdm.py:two_stream --workdir=DIR --mode=evaluate \
-    --config.data.dir=/data/coco_pdm --config.eval.fid_stats=/data/fid_stats_coco_val256.npz \
+    --vae=/ckpt/autoencoder_kl.pth --config.data.dir=/data/coco_pdm \
+    --config.eval.fid_stats=/data/fid_stats_coco_val256.npz \
     --config.eval.inception=/ckpt/pt_inception-2015-12-05-6726825d.pth \
     --config.eval.clip=/ckpt/clip-vit-base-patch32
 
