@@ -24,6 +24,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from pdm_jax.data.coco import dataset as coco_dataset
 from pdm_jax.data.schema import DatasetInfo, DataSpec
@@ -155,6 +156,13 @@ def create_loader(
         map_pooling=data.map_pooling,
         latent_scale=data.latent_scale,
     )
+    if data.num_workers > 0 and not flags.FLAGS.is_parsed():
+        raise RuntimeError(
+            f"data.num_workers={data.num_workers}: grain's worker processes read absl flags, "
+            "which nothing has parsed outside an absl program (a notebook, a script). Call "
+            "absl.flags.FLAGS.mark_as_parsed() (or flags.FLAGS(sys.argv)) first, run through "
+            "python -m pdm_jax.main, or set data.num_workers=0."
+        )
     shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),

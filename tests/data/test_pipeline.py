@@ -1,5 +1,9 @@
 """Tests of the grain input pipeline: record normalisation, seeded order, resumable iterators."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -173,3 +177,24 @@ def test_worker_processes_read_the_same_records_and_resume():
     resumed = iter(loader)
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["latent"], following["latent"])
+
+
+def test_workers_outside_an_absl_program_are_refused_with_the_fix():
+    code = (
+        "from configs import pdm\n"
+        "from pdm_jax import specs\n"
+        "from pdm_jax.data import pipeline\n"
+        "c = pdm.get_config('demo,tiny=1')\n"
+        "c.data.update(num_workers=2, num_records=16)\n"
+        "run = specs.from_config(c)\n"
+        "source, _ = pipeline.create_source(run.data)\n"
+        "try:\n"
+        "    pipeline.create_loader(source, run.data, batch_size=8)\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert "mark_as_parsed()" in out.stdout and "data.num_workers=0" in out.stdout, out.stderr
