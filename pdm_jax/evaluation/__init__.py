@@ -1,1 +1,1 @@
-"""Evaluation: FID, CLIP score, MCD."""
+"""Evaluation (a run mode): ``--mode=evaluate``, the demo's figures, FID, CLIP score, MCD."""

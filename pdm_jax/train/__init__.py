@@ -1,1 +1,1 @@
-"""Training: train state, train step, trainer loop."""
+"""Training (a run mode): train state, pure train step, where a run starts, the loop."""

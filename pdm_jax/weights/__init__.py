@@ -1,1 +1,1 @@
-"""Runtime weight loaders: torch/safetensors files, VAE, CLIP, Inception, converted components."""
+"""Runtime weight loaders: torch/safetensors files, VAE, CLIP text, converted components."""
