@@ -106,10 +106,12 @@ def test_sample_and_evaluate_name_their_step_flag(damaged, tmp_path):
     out = sample_mode.run(config, str(workdir))
     assert (out / "000_image.png").is_file()
 
+    config.eval.update(num_samples=2, batch_size=8)
     with pytest.raises(checkpointing.CorruptCheckpointError, match=r"--config\.eval\.step=1"):
-        evaluate.load_eval_params(config, str(workdir), -1, True)
-    _, step = evaluate.load_eval_params(config, str(workdir), 1, True)
-    assert step == 1
+        evaluate.run_evaluate(config, str(workdir))
+    config.eval.step = 1
+    evaluate.run_evaluate(config, str(workdir))
+    assert (workdir / "eval" / "1" / "metrics.json").is_file()
     # ckpt.init_from of a damaged run names its intact step directory.
     config.ckpt.init_from = str(workdir)
     with pytest.raises(checkpointing.CorruptCheckpointError) as info:

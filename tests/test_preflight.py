@@ -18,7 +18,7 @@ from pdm_jax.weights import components
 from tests.data import fake_coco
 from tests.train import saved_states
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _two_stream():
