@@ -40,7 +40,7 @@ _GRID_ROWS = 8
 
 
 def _means(figures: dict[str, np.ndarray]) -> dict[str, float]:
-    return {k: float(np.nanmean(v)) for k, v in figures.items()}
+    return {k: scoring.mean_over_scored(v) for k, v in figures.items()}
 
 
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -101,8 +101,8 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     reference = scoring.synthetic_figures(world, captions, renders, None, ref_maps)
     metrics["reference"] = {
         "oracle_agreement": float(np.mean(world.map_agreement(renders, ref_maps))),
-        "thing_iou": float(np.nanmean(reference["thing_iou"])),
-        "stuff_miou": float(np.nanmean(reference["stuff_miou"])),
+        "thing_iou": scoring.mean_over_scored(reference["thing_iou"]),
+        "stuff_miou": scoring.mean_over_scored(reference["stuff_miou"]),
     }
     metrics["sampler"] = dataclasses.asdict(config.sampler)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)

@@ -69,6 +69,14 @@ def synthetic_figures(
     return {"image_caption_recall": world.caption_recall(captions, seg)}
 
 
+def mean_over_scored(values: np.ndarray) -> float | None:
+    """Mean over the samples that have a value; NaN marks a sample with nothing to score
+    (e.g. no thing in either map). None when no sample has one (JSON has no NaN)."""
+    values = np.asarray(values, np.float64)
+    scored = values[~np.isnan(values)]
+    return float(np.mean(scored)) if scored.size else None
+
+
 def _iou_figures(maps: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
     """Per-sample thing IoU and stuff mIoU of ``maps`` against the oracle's ``seg``."""
     return {
@@ -178,8 +186,7 @@ def summarise(
     Returns:
       ``{metric: value}``.
     """
-    # NaN marks a sample with nothing to score (e.g. no thing in either map).
-    metrics = {k: float(np.nanmean(v)) for k, v in scores.items() if k != "features"}
+    metrics = {k: mean_over_scored(v) for k, v in scores.items() if k != "features"}
     if "features" in scores:
         mu, sigma = fid.feature_statistics(scores["features"])
         with (eval_dir / f"fid_stats_{ev.task}.npz").open("wb") as f:

@@ -31,3 +31,8 @@ def test_thing_iou_of_renders_and_of_maps_with_their_things_moved():
     # Given-map figures compare the given map with the oracle's reading of the image.
     given = scoring.synthetic_figures(world, captions, renders, None, maps)
     np.testing.assert_allclose(given["thing_iou"], clean["thing_iou"])
+
+
+def test_mean_over_scored_skips_samples_with_nothing_to_score():
+    assert scoring.mean_over_scored(np.array([0.5, np.nan, 1.0])) == 0.75
+    assert scoring.mean_over_scored(np.array([np.nan, np.nan])) is None
