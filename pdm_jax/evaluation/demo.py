@@ -5,14 +5,17 @@ The demo's figures: after training ``demo``, sample the synthetic world's held-o
 ``<workdir>/metrics.json``:
 
 * ``cogenerate``: image and map from noise.
-  ``map_image_agreement`` — pixel accuracy of each generated map against the oracle's
-  segmentation of the generated image; ``caption_recall`` — share of the caption's
+  ``thing_iou`` / ``stuff_miou`` — per sample, the mean IoU of the thing / stuff categories
+  between the generated map and the oracle's segmentation of the generated image (are the
+  things where the map puts them); ``map_image_agreement`` — pixel accuracy of the same
+  pair (dominated by the large stuff regions); ``caption_recall`` — share of the caption's
   categories present in the generated map; ``mcd`` — mean category difference of the
   generated map against the reference map of the same prompt; ``image_caption_recall`` —
   caption recall of the oracle's segmentation of the generated image.
 * ``given_map``: the image generated for the prompt's reference map.
-  ``map_image_agreement`` — oracle segmentation of the image vs the given map;
-  ``caption_recall`` and ``mcd`` of that segmentation.
+  ``thing_iou``, ``stuff_miou``, ``map_image_agreement`` — oracle segmentation of the
+  image vs the given map; ``caption_recall`` and ``mcd`` of that segmentation.
+* ``reference``: the same figures for the clean renders of the prompts (the ceiling).
 
 Grids of the first prompts go to ``<workdir>/demo_<task>.png``.
 """
@@ -37,7 +40,7 @@ _GRID_ROWS = 8
 
 
 def _means(figures: dict[str, np.ndarray]) -> dict[str, float]:
-    return {k: float(np.mean(v)) for k, v in figures.items()}
+    return {k: scoring.mean_over_scored(v) for k, v in figures.items()}
 
 
 def evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -93,10 +96,13 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     # The oracle's reading of the image plays the generated map's part.
     figures = scoring.synthetic_figures(world, captions, given.images, None, ref_maps)
     metrics["given_map"] = _means(figures)
+    # The ceiling: the oracle's reading of the clean reference renders against their maps.
+    renders = world.autoencoder.decode(ref["latent"])
+    reference = scoring.synthetic_figures(world, captions, renders, None, ref_maps)
     metrics["reference"] = {
-        "oracle_agreement": float(
-            np.mean(world.map_agreement(world.autoencoder.decode(ref["latent"]), ref_maps))
-        ),
+        "oracle_agreement": float(np.mean(world.map_agreement(renders, ref_maps))),
+        "thing_iou": scoring.mean_over_scored(reference["thing_iou"]),
+        "stuff_miou": scoring.mean_over_scored(reference["stuff_miou"]),
     }
     metrics["sampler"] = dataclasses.asdict(config.sampler)
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,4 +1,4 @@
-"""Segmentation-map metrics: Mean Count Difference (paper §3.6), pixel agreement, recall.
+"""Segmentation-map metrics: Mean Count Difference (paper §3.6), category IoU, agreement, recall.
 
 MCD compares how many pixels each category covers, ignoring where: with
 ``f = bincount(M_gt, 201)`` and ``f' = bincount(M_gen, 201)`` over the 201 ids 0..200
@@ -86,6 +86,36 @@ def mean_count_difference(gt_maps, gen_maps) -> float:
       Mean MCD in [0, 2] (0 best).
     """
     return float(mean_count_difference_per_pair(gt_maps, gen_maps).mean())
+
+
+def category_iou_per_pair(map_a, map_b, category_ids: Iterable[int]) -> np.ndarray:
+    """Mean IoU over ``category_ids`` present in either map, per pair.
+
+    For each pair and each id ``c`` of ``category_ids`` that covers a pixel of either map,
+    ``IoU_c = |a = c ∧ b = c| / |a = c ∨ b = c|``; the pair's figure is the mean over those
+    ids. Pairs where none of the ids appear get NaN (nothing to agree on), so take
+    ``np.nanmean`` over pairs. With the thing ids it asks whether the things stand where
+    the other map puts them, which pixel agreement hides behind the large stuff regions.
+
+    Args:
+      map_a: ``[H, W]`` or ``[B, H, W]`` ids in [0, 200].
+      map_b: ids, same shape.
+      category_ids: the categories to score (e.g. the things, or the stuff).
+
+    Returns:
+      ``[B]`` float64 mean IoU per pair in [0, 1], NaN where no id appears.
+    """
+    a, b = _as_pair(map_a, map_b, ("map_a", "map_b"))
+    ids = np.asarray(sorted(set(int(c) for c in category_ids)), np.int64)  # [K]
+    a_c = a.reshape(a.shape[0], 1, -1) == ids[None, :, None]  # [B, K, H·W]
+    b_c = b.reshape(b.shape[0], 1, -1) == ids[None, :, None]
+    inter = np.sum(a_c & b_c, axis=-1)  # [B, K]
+    union = np.sum(a_c | b_c, axis=-1)
+    present = union > 0
+    iou = np.where(present, inter / np.maximum(union, 1), 0.0)
+    count = present.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, iou.sum(axis=-1) / count, np.nan)
 
 
 def pixel_agreement(map_a, map_b) -> float:

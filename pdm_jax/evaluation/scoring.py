@@ -14,6 +14,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from pdm_jax import specs
+from pdm_jax.data.synthetic import world as world_lib
 from pdm_jax.evaluation import clip_score, fid, reference_stats, store
 from pdm_jax.evaluation import mcd as mcd_lib
 
@@ -35,17 +36,22 @@ def synthetic_figures(
       refs: int [B, M, M] the prompts' reference maps (given to the given-map task), or None.
 
     Returns:
-      With ``maps``: ``map_image_agreement`` (the map against the oracle's reading of the
-      image), ``caption_recall`` (caption categories in the map), ``image_caption_recall``
+      With ``maps``: ``thing_iou`` and ``stuff_miou`` (per sample, the mean IoU over the
+      thing / stuff categories present in the map or in the oracle's reading of the image:
+      are the things where the map puts them; NaN when there is none, so average with
+      ``np.nanmean``), ``map_image_agreement`` (pixel accuracy of the map against that
+      reading), ``caption_recall`` (caption categories in the map), ``image_caption_recall``
       (… in the image) and, with ``refs``, ``mcd`` of the map against them. Without
-      ``maps`` but with ``refs`` (given map): the oracle's reading of the image plays the
-      generated map's part (``map_image_agreement`` against ``refs``, ``caption_recall``,
-      ``mcd``). Without either: ``image_caption_recall``.
+      ``maps`` but with ``refs`` (given map): the given map is compared with the oracle's
+      reading of the image (``thing_iou``, ``stuff_miou``, ``map_image_agreement``), which
+      also plays the generated map's part in ``caption_recall`` and ``mcd``. Without
+      either: ``image_caption_recall``.
     """
     size = maps.shape[-1] if maps is not None else None if refs is None else refs.shape[-1]
     seg = world.segment(images, size)  # [B, M, M]
     if maps is not None:
         out = {
+            **_iou_figures(maps, seg),
             "map_image_agreement": np.mean(seg == maps, axis=(1, 2)),
             "caption_recall": world.caption_recall(captions, maps),
             "image_caption_recall": world.caption_recall(captions, seg),
@@ -55,11 +61,28 @@ def synthetic_figures(
         return out
     if refs is not None:
         return {
+            **_iou_figures(refs, seg),
             "map_image_agreement": np.mean(seg == refs, axis=(1, 2)),
             "caption_recall": world.caption_recall(captions, seg),
             "mcd": mcd_lib.mean_count_difference_per_pair(refs, seg),
         }
     return {"image_caption_recall": world.caption_recall(captions, seg)}
+
+
+def mean_over_scored(values: np.ndarray) -> float | None:
+    """Mean over the samples that have a value; NaN marks a sample with nothing to score
+    (e.g. no thing in either map). None when no sample has one (JSON has no NaN)."""
+    values = np.asarray(values, np.float64)
+    scored = values[~np.isnan(values)]
+    return float(np.mean(scored)) if scored.size else None
+
+
+def _iou_figures(maps: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample thing IoU and stuff mIoU of ``maps`` against the oracle's ``seg``."""
+    return {
+        "thing_iou": mcd_lib.category_iou_per_pair(maps, seg, world_lib.THING_IDS),
+        "stuff_miou": mcd_lib.category_iou_per_pair(maps, seg, world_lib.STUFF_IDS),
+    }
 
 
 def score_samples(
@@ -163,7 +186,7 @@ def summarise(
     Returns:
       ``{metric: value}``.
     """
-    metrics = {k: float(np.mean(v)) for k, v in scores.items() if k != "features"}
+    metrics = {k: mean_over_scored(v) for k, v in scores.items() if k != "features"}
     if "features" in scores:
         mu, sigma = fid.feature_statistics(scores["features"])
         with (eval_dir / f"fid_stats_{ev.task}.npz").open("wb") as f:

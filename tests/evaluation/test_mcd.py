@@ -74,3 +74,24 @@ def test_caption_recall():
         mcd.caption_recall(GT, [])
     with pytest.raises(ValueError, match=r"\[0, 200\]"):
         mcd.caption_recall(GT, [201])
+
+
+def test_category_iou_by_hand_and_against_a_loop():
+    # GT/GEN ids 1: inter 2 ({(0,2),(1,0)}), union 3 → 2/3; id 2: inter 0, union 2 → 0;
+    # id 5: inter 0, union 1 → 0; id 7 appears in neither and is not counted.
+    np.testing.assert_allclose(mcd.category_iou_per_pair(GT, GEN, [1, 2, 5, 7]), [2 / 9])
+    np.testing.assert_allclose(mcd.category_iou_per_pair(GT, GEN, [1]), [2 / 3])
+    assert np.isnan(mcd.category_iou_per_pair(GT, GEN, [7, 9])[0])  # nothing to score
+    np.testing.assert_array_equal(mcd.category_iou_per_pair(GEN, GEN, [1, 5]), [1.0])
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 6, (5, 7, 7)), rng.integers(0, 6, (5, 7, 7))
+    ids = [1, 3, 4]
+    want = []
+    for x, y in zip(a, b, strict=True):
+        ious = [
+            np.sum((x == c) & (y == c)) / np.sum((x == c) | (y == c))
+            for c in ids
+            if np.any((x == c) | (y == c))
+        ]
+        want.append(np.mean(ious) if ious else np.nan)
+    np.testing.assert_allclose(mcd.category_iou_per_pair(a, b, ids), want)

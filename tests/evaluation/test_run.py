@@ -19,6 +19,7 @@ from pdm_jax.data.coco import panoptic as coco
 from pdm_jax.data.coco import prepare as prepare_coco
 from pdm_jax.data.coco import source as coco_source
 from pdm_jax.data.synthetic import dataset as synthetic
+from pdm_jax.data.synthetic import world as world_lib
 from pdm_jax.diffusion import maps
 from pdm_jax.evaluation import clip_score, fid
 from pdm_jax.evaluation import mcd as mcd_lib
@@ -32,6 +33,8 @@ from tests.data import fake_coco
 from tests.evaluation.test_inception import random_state_dict
 
 SYNTHETIC_METRICS = {
+    "thing_iou",
+    "stuff_miou",
     "mcd",
     "invalid_map_pixels",
     "map_image_agreement",
@@ -93,6 +96,12 @@ def test_synthetic_metrics_match_a_recomputation_from_the_sample_files(synthetic
     )
     recall = world.caption_recall(ref["caption"], gen_maps)
     np.testing.assert_allclose(metrics["caption_recall"], np.mean(recall), rtol=1e-6)
+    seg = world.segment(images, gen_maps.shape[-1])
+    things = mcd_lib.category_iou_per_pair(gen_maps, seg, world_lib.THING_IDS)
+    if np.all(np.isnan(things)):
+        assert metrics["thing_iou"] is None
+    else:
+        np.testing.assert_allclose(metrics["thing_iou"], np.nanmean(things), rtol=1e-12)
     for value in metrics.values():
         if isinstance(value, float):
             assert np.isfinite(value)
