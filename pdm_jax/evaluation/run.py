@@ -90,11 +90,6 @@ def eval_settings(config: specs.RunSpec) -> specs.EvalSpec:
     return ev
 
 
-def _needs_map(config: specs.RunSpec, ev: specs.EvalSpec) -> bool:
-    """Whether samples include a generated map (a PDM cogenerating)."""
-    return config.model.name != "uvit" and ev.task == "cogenerate"
-
-
 def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
     """Evaluate mode (see the module docstring).
 
@@ -144,7 +139,7 @@ def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
         multihost_utils.sync_global_devices(f"pdm_eval_samples_{ev.task}")
     t0 = time.perf_counter()
     mine = prompts_lib.host_indices(ev.num_samples, jax.process_index(), jax.process_count())
-    needs_map = _needs_map(config, ev)
+    needs_map = store.has_generated_maps(config, ev)
     scores = scoring.score_samples(
         ev, prompts, world, samples_dir, mine, extractor, embedder, needs_map
     )

@@ -20,6 +20,11 @@ from pdm_jax.evaluation.prompts import host_indices
 from pdm_jax.sampling.sampler import Sampler
 
 
+def has_generated_maps(config: specs.RunSpec, ev: specs.EvalSpec) -> bool:
+    """Whether the samples include a generated map (a PDM cogenerating)."""
+    return config.model.has_map and ev.task == "cogenerate"
+
+
 def sample_name(i: int, suffix: str = "") -> str:
     """File name of sample ``i`` (``suffix="_map"``: its generated map)."""
     return f"{i:06d}{suffix}.png"
@@ -89,7 +94,7 @@ def generate_samples(
     Returns:
       ``(number generated, seconds)``.
     """
-    needs_map = config.model.has_map and ev.task == "cogenerate"
+    needs_map = has_generated_maps(config, ev)
     mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
     done = done_indices(samples_dir, needs_map)
     todo = [i for i in mine if i not in done]
