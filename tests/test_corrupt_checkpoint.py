@@ -6,8 +6,6 @@ half their size, as a full disk or an incomplete copy leaves them.
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
@@ -19,8 +17,7 @@ from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import trainer
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.cli import run_main
 
 
 def _config(steps):
@@ -129,20 +126,11 @@ def test_no_intact_step_says_so(damaged, tmp_path):
 
 
 def test_main_prints_the_message_without_a_traceback(damaged):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pdm_jax.main",
-            "--config=configs/pdm.py:demo,tiny=1",
-            f"--workdir={damaged / 'damaged'}",
-            "--mode=sample",
-            "--config.sample.prompt=a ball",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_main(
+        "--config=configs/pdm.py:demo,tiny=1",
+        f"--workdir={damaged / 'damaged'}",
+        "--mode=sample",
+        "--config.sample.prompt=a ball",
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "error: Checkpoint " in result.stderr

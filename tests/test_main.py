@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,31 +10,21 @@ import pytest
 
 from configs import pdm as pdm_configs
 from pdm_jax import models
+from tests.cli import run_main
 from tests.train import saved_states
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pdm_jax.main", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_unknown_variant_is_rejected(tmp_path):
-    result = _run("--config=configs/pdm.py:bogus", f"--workdir={tmp_path}")
+    result = run_main("--config=configs/pdm.py:bogus", f"--workdir={tmp_path}")
     assert result.returncode != 0
     assert "Unknown variant 'bogus'" in result.stderr
     assert "demo" in result.stderr  # the known variants are listed
 
 
 def test_sample_without_checkpoint_names_the_path(tmp_path):
-    result = _run("--config=configs/pdm.py:demo,tiny=1", f"--workdir={tmp_path}", "--mode=sample")
+    result = run_main(
+        "--config=configs/pdm.py:demo,tiny=1", f"--workdir={tmp_path}", "--mode=sample"
+    )
     assert result.returncode == 1
     assert f"error: No checkpoint at {tmp_path}/checkpoints" in result.stderr
 
@@ -46,7 +35,7 @@ def test_sample_with_mismatched_config_lists_the_shapes(tmp_path):
         lambda a: np.zeros(a.shape, a.dtype), models.abstract_params(config.model)
     )
     saved_states.save_state(tmp_path, saved_states.params_only_state(params), config)
-    result = _run(
+    result = run_main(
         "--config=configs/pdm.py:demo,tiny=1",
         f"--workdir={tmp_path}",
         "--mode=sample",
@@ -62,7 +51,7 @@ def test_cpu_split_follows_the_mode_batch(tmp_path, mode, devices):
     # 3 devices divide eval.batch_size=6 and sample.batch_size=6 but not the tiny
     # train.batch_size=8: splitting by the training batch would stop both modes.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no forced count
-    result = _run(
+    result = run_main(
         "--config=configs/pdm.py:demo,tiny=1",
         f"--workdir={tmp_path}",
         f"--mode={mode}",

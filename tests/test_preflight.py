@@ -1,9 +1,6 @@
 """Start-up checks (``pdm_jax.preflight``) and the trainer's save-before-grid order."""
 
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,10 +12,9 @@ from pdm_jax.models.vae import AutoencoderKL
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import trainer
 from pdm_jax.weights import components
+from tests.cli import run_main
 from tests.data import fake_coco
 from tests.train import saved_states
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _two_stream():
@@ -75,19 +71,7 @@ def test_allowed_random_frozen_stream_starts_from_scratch(tmp_path, caplog):
 
 
 def test_main_refuses_two_stream_from_scratch_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pdm_jax.main",
-            "--config=configs/pdm.py:two_stream,tiny=1",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_main("--config=configs/pdm.py:two_stream,tiny=1", f"--workdir={tmp_path}")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "error: This two-stream PDM freezes its image stream" in result.stderr
     assert "--config.ckpt.allow_random_frozen_stream=True" in result.stderr
