@@ -340,13 +340,25 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class _UnretrievedReadErrors(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" reports of failed reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Future exception was never retrieved")
+
+
+_UNRETRIEVED = _UnretrievedReadErrors()
+
+
 def try_read(read: Callable[[int], Any], step: int) -> tuple[Any, Exception | None]:
     """``(read(step), None)``, or ``(None, error)`` when reading the step raises.
 
     ``CheckpointNotFoundError`` and ``ConfigMismatchError`` pass through: they are not read
     errors. The error comes back without its traceback, and the reads it left pending
     inside orbax are collected here with Python's "Exception ignored in <coroutine>"
-    reports of them silenced: the error already says what failed.
+    reports of them silenced: the error already says what failed. Futures that orbax still
+    holds may only be collected at exit; asyncio's "Future exception was never retrieved"
+    reports of them are dropped too, from the first failed read on.
     """
     previous = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
@@ -357,6 +369,7 @@ def try_read(read: Callable[[int], Any], step: int) -> tuple[Any, Exception | No
             raise
         except Exception as e:
             error = e
+        logging.getLogger("asyncio").addFilter(_UNRETRIEVED)
         cause, seen = error, set()
         while cause is not None and id(cause) not in seen:
             seen.add(id(cause))
