@@ -392,6 +392,9 @@ on_workers() {
   execute "${TPU_VM[@]}" ssh "$TPU_NAME" "${LOCATION[@]}" --worker="$1" --command="$2"
 }
 
+# Shell function for the workers: whether a pid is a live process (not gone, not a zombie).
+ALIVE='alive() { kill -0 "$1" 2>/dev/null && ! ps -o stat= -p "$1" | grep -q "^Z"; }'
+
 # The run's log files and pid files on each worker: ~/pdm_logs/RUN/HOSTNAME.{log,pid}.
 run_glob() {
   if [ -n "$RUN_NAME" ]; then quote "$RUN_NAME"; else printf '*'; fi
@@ -429,7 +432,8 @@ cmd_setup() {
     fi
     archive="${TMPDIR:-/tmp}"
     archive="${archive%/}/pdm_jax_src-$sha.tar.gz"
-    [ "$DRY_RUN" = 1 ] || trap 'rm -f "$archive"' EXIT
+    SETUP_ARCHIVE=$archive  # removed on exit, also when a step fails
+    [ "$DRY_RUN" = 1 ] || trap 'rm -f "$SETUP_ARCHIVE"' EXIT
     execute git -C "$REPO_ROOT" archive --format=tar.gz --output="$archive" HEAD
     execute "${TPU_VM[@]}" scp "$archive" "$TPU_NAME:$remote_archive" "${LOCATION[@]}" --worker=all
     execute rm -f "$archive"
@@ -508,8 +512,9 @@ $eof
   esac
   outer="set -eu
 cd \"\$HOME\"
+$ALIVE
 for pid_file in pdm_logs/*/*.pid; do
-  if [ -f \"\$pid_file\" ] && kill -0 \"\$(cat \"\$pid_file\")\" 2>/dev/null; then
+  if [ -f \"\$pid_file\" ] && alive \"\$(cat \"\$pid_file\")\"; then
     echo \"\$(hostname): a run is still going (~/\$pid_file); stop it first: $PROG stop\" >&2
     exit 1
   fi
@@ -562,10 +567,11 @@ cmd_stop() {
   on_workers all "set -eu
 cd \"\$HOME\"
 stopped=0
+$ALIVE
 for pid_file in pdm_logs/$(run_glob)/*.pid; do
   [ -f \"\$pid_file\" ] || continue
   pid=\$(cat \"\$pid_file\")
-  if kill -0 \"\$pid\" 2>/dev/null; then
+  if alive \"\$pid\"; then
     kill -s $SIGNAL -- \"-\$pid\"
     echo \"\$(hostname): sent SIG$SIGNAL to ~/\$pid_file (process group \$pid)\"
     stopped=1
