@@ -7,6 +7,8 @@ set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PROG=launch/slurm_gpu.sh
+# shellcheck source=launch/common.sh
+. "$REPO_ROOT/launch/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -43,48 +45,6 @@ Settings: a flag, or the environment variable in brackets; flags win.
 
 The checkout, the venv, the data and --workdir must be on a filesystem every node sees.
 EOF
-}
-
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-# quote WORD: WORD as one word for a POSIX shell, left bare when that is already safe.
-quote() {
-  local word=$1 sq="'" esc="'\\''"
-  case $word in
-    '' | *[!A-Za-z0-9_./:=,@%+-]*) printf "'%s'" "${word//$sq/$esc}" ;;
-    *) printf '%s' "$word" ;;
-  esac
-}
-
-# quote_all WORD...: the words quoted and joined with spaces; a flag's value is quoted on
-# its own (--name='a b', the same word as '--name=a b').
-quote_all() {
-  local word out="" name
-  for word in "$@"; do
-    case $word in
-      -*=*)
-        name=${word%%=*}
-        case $name in
-          *[!A-Za-z0-9_./:,@%+-]*) word=$(quote "$word") ;;
-          *) word="$name=$(quote "${word#*=}")" ;;
-        esac
-        ;;
-      *) word=$(quote "$word") ;;
-    esac
-    out="$out${out:+ }$word"
-  done
-  printf '%s' "$out"
-}
-
-bool() {
-  case $2 in
-    1 | true | True | TRUE | yes | on) echo 1 ;;
-    0 | false | False | FALSE | no | off | '') echo 0 ;;
-    *) die "$1=$2: use 1 or 0" ;;
-  esac
 }
 
 NODES=${NODES:-}
@@ -155,9 +115,7 @@ esac
 case $JOB_NAME in
   '' | *[!A-Za-z0-9._-]*) die "--job_name=$JOB_NAME: use letters, digits, '.', '_' and '-'" ;;
 esac
-case $MODULE in
-  '' | [!A-Za-z_]* | *[!A-Za-z0-9_.]*) die "--module=$MODULE is not a Python module name such as pdm_jax.main" ;;
-esac
+check_module "$MODULE"
 case $LOG_DIR in
   /*) ;;
   *) LOG_DIR=$PWD/$LOG_DIR ;;
@@ -170,20 +128,8 @@ esac
   die "no venv at $VENV (no bin/activate): create it (python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e . \"jax[cuda12]\") or pass --venv=DIR"
 [ ${#ARGS[@]} -gt 0 ] || die "nothing to run: give the program's flags after --, e.g. $PROG --nodes=2 --gpus_per_node=8 -- --config=configs/pdm.py:two_stream --workdir=/shared/pdm"
 for kv in ${RUN_ENV[@]+"${RUN_ENV[@]}"}; do
-  case ${kv%%=*} in
-    '' | [!A-Za-z_]* | *[!A-Za-z0-9_]*) die "--env=$kv: use --env=KEY=VALUE with KEY a variable name" ;;
-  esac
-  [ "${kv#*=}" != "$kv" ] || die "--env=$kv: use --env=KEY=VALUE"
+  check_env "$kv"
 done
-
-
-program=(python -u -m "$MODULE")
-if [ "$MODULE" = pdm_jax.main ]; then
-  case " ${ARGS[*]} " in
-    *" --distributed "* | *" --nodistributed "* | *" --distributed="*) ;;
-    *) program+=(--distributed) ;;
-  esac
-fi
 
 sbatch=(
   sbatch --parsable
@@ -203,21 +149,14 @@ script="#!/usr/bin/env bash
 set -euo pipefail
 cd $(quote "$REPO_ROOT")
 . $(quote "$VENV")/bin/activate"
-for kv in ${RUN_ENV[@]+"${RUN_ENV[@]}"}; do
+if [ ${#RUN_ENV[@]} -gt 0 ]; then
   script="$script
-export ${kv%%=*}=$(quote "${kv#*=}")"
-done
+$(export_lines "${RUN_ENV[@]}")"
+fi
 script="$script
-srun --kill-on-bad-exit=1 $(quote_all "${program[@]}" "${ARGS[@]}")"
-
+srun --kill-on-bad-exit=1 $(program_line "$MODULE" "${ARGS[@]}")"
 eof=PDM_JAX_SBATCH_SCRIPT
-case "
-$script
-" in
-  *"
-$eof
-"*) die "an argument contains a line '$eof', which would end the job script" ;;
-esac
+check_here_doc "$eof" "$script"
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "mkdir -p $(quote "$LOG_DIR")"

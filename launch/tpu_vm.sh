@@ -6,6 +6,8 @@ set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PROG=launch/tpu_vm.sh
+# shellcheck source=launch/common.sh
+. "$REPO_ROOT/launch/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -73,49 +75,6 @@ gcsfuse mount (prepared data, --vae/--text_encoder files).
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-# quote WORD: WORD as one word for a POSIX shell, left bare when that is already safe.
-quote() {
-  local word=$1 sq="'" esc="'\\''"
-  case $word in
-    '' | *[!A-Za-z0-9_./:=,@%+-]*) printf "'%s'" "${word//$sq/$esc}" ;;
-    *) printf '%s' "$word" ;;
-  esac
-}
-
-# quote_all WORD...: the words quoted and joined with spaces; a flag's value is quoted on
-# its own (--name='a b', the same word as '--name=a b').
-quote_all() {
-  local word out="" name
-  for word in "$@"; do
-    case $word in
-      -*=*)
-        name=${word%%=*}
-        case $name in
-          *[!A-Za-z0-9_./:,@%+-]*) word=$(quote "$word") ;;
-          *) word="$name=$(quote "${word#*=}")" ;;
-        esac
-        ;;
-      *) word=$(quote "$word") ;;
-    esac
-    out="$out${out:+ }$word"
-  done
-  printf '%s' "$out"
-}
-
-# bool NAME VALUE: 1 or 0 from an environment variable's value.
-bool() {
-  case $2 in
-    1 | true | True | TRUE | yes | on) echo 1 ;;
-    0 | false | False | FALSE | no | off | '') echo 0 ;;
-    *) die "$1=$2: use 1 or 0" ;;
-  esac
-}
-
 # execute CMD...: print it (dry run: to stdout, and stop there) or run it.
 execute() {
   if [ "$DRY_RUN" = 1 ]; then
@@ -149,7 +108,7 @@ RUN_NAME=${RUN_NAME:-}
 MODULE=${MODULE:-pdm_jax.main}
 WORKER=${WORKER:-}
 DRY_RUN=$(bool DRY_RUN "${DRY_RUN:-0}")
-LINES=100
+TAIL_LINES=100
 FOLLOW=0
 FETCH=""
 SIGNAL=TERM
@@ -200,14 +159,12 @@ while [ $# -gt 0 ]; do
     *) die "unexpected argument '$arg'; flags are --name=value, and the program's own flags go after --" ;;
   esac
   name=${arg#--}
-  name=${name%%=*}
-  GIVEN="$GIVEN $name "
-  name=${arg#--}
   value=""
   has_value=0
   case $name in
     *=*) value=${name#*=}; name=${name%%=*}; has_value=1 ;;
   esac
+  GIVEN="$GIVEN$name "
   applies=$(flag_commands "$name")
   [ -n "$applies" ] || die "unknown flag --$name (--help lists the settings)"
   case " $applies " in
@@ -248,7 +205,7 @@ while [ $# -gt 0 ]; do
     module) MODULE=$value ;;
     env) RUN_ENV+=("$value") ;;
     worker) WORKER=$value ;;
-    lines) LINES=$value ;;
+    lines) TAIL_LINES=$value ;;
     follow) FOLLOW=1 ;;
     fetch) FETCH=$value ;;
     signal) SIGNAL=$value ;;
@@ -330,27 +287,17 @@ case $COMMAND in
     [ -n "$RUN_NAME" ] || RUN_NAME=pdm-$(date -u +%Y%m%d-%H%M%S)
     check_run_name
     WORKER=${WORKER:-all}
-    case $MODULE in
-      '' | [!A-Za-z_]* | *[!A-Za-z0-9_.]*) die "--module=$MODULE is not a Python module name such as pdm_jax.main" ;;
-    esac
+    check_module "$MODULE"
     [ ${#ARGS[@]} -gt 0 ] || die "nothing to run: give the program's flags after --, e.g. $PROG run -- --config=configs/pdm.py:two_stream --workdir=gs://BUCKET/pdm"
     for kv in ${RUN_ENV[@]+"${RUN_ENV[@]}"}; do
-      case $kv in
-        [A-Za-z_]*=*)
-          key=${kv%%=*}
-          case $key in
-            *[!A-Za-z0-9_]*) die "--env=$kv: use --env=KEY=VALUE with KEY a variable name" ;;
-          esac
-          ;;
-        *) die "--env=$kv: use --env=KEY=VALUE with KEY a variable name" ;;
-      esac
+      check_env "$kv"
     done
     ;;
   logs)
     [ -z "$RUN_NAME" ] || check_run_name
     WORKER=${WORKER:-0}
-    case $LINES in
-      '' | *[!0-9]*) die "--lines=$LINES: give a number" ;;
+    case $TAIL_LINES in
+      '' | *[!0-9]*) die "--lines=$TAIL_LINES: give a number" ;;
     esac
     if [ -n "$FETCH" ]; then
       for name in worker lines follow; do
@@ -393,6 +340,7 @@ on_workers() {
 }
 
 # Shell function for the workers: whether a pid is a live process (not gone, not a zombie).
+# shellcheck disable=SC2016  # expanded on the workers
 ALIVE='alive() { kill -0 "$1" 2>/dev/null && ! ps -o stat= -p "$1" | grep -q "^Z"; }'
 
 # The run's log files and pid files on each worker: ~/pdm_logs/RUN/HOSTNAME.{log,pid}.
@@ -487,29 +435,17 @@ echo \"\$(hostname): mounted\" $(quote "gs://$bucket${only_dir:+/$only_dir} at $
 }
 
 cmd_run() {
-  local script outer program=(python -u -m "$MODULE") kv eof=PDM_JAX_RUN_SCRIPT
-  if [ "$MODULE" = pdm_jax.main ]; then
-    case " ${ARGS[*]} " in
-      *" --distributed "* | *" --nodistributed "* | *" --distributed="*) ;;
-      *) program+=(--distributed) ;;
-    esac
-  fi
+  local script outer eof=PDM_JAX_RUN_SCRIPT
   # The worker's run script, written there verbatim through a quoted here-document.
   script=". $(quote "$REMOTE_VENV")/bin/activate
 cd $(quote "$REMOTE_DIR")"
-  for kv in ${RUN_ENV[@]+"${RUN_ENV[@]}"}; do
+  if [ ${#RUN_ENV[@]} -gt 0 ]; then
     script="$script
-export ${kv%%=*}=$(quote "${kv#*=}")"
-  done
+$(export_lines "${RUN_ENV[@]}")"
+  fi
   script="$script
-exec $(quote_all "${program[@]}" "${ARGS[@]}")"
-  case "
-$script
-" in
-    *"
-$eof
-"*) die "an argument contains a line '$eof', which ends the worker's run script" ;;
-  esac
+exec $(program_line "$MODULE" "${ARGS[@]}")"
+  check_here_doc "$eof" "$script"
   outer="set -eu
 cd \"\$HOME\"
 $ALIVE
@@ -552,7 +488,7 @@ if [ -z \"\$log\" ]; then
   exit 1
 fi
 echo \"==> \$(hostname):~/\$log <==\"
-exec tail -n $LINES$follow \"\$log\""
+exec tail -n $TAIL_LINES$follow \"\$log\""
 }
 
 cmd_ssh() {

@@ -20,6 +20,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# --config.* overrides that a shell would split, expand or end early if quoted wrongly.
+TRICKY_ARGS = [
+    "--config=configs/pdm.py:two_stream,map_patch_factor=2",
+    "--workdir=gs://my bucket/pdm runs",
+    "--config.data.dir=/mnt/gcs/coco pdm",
+    '--config.sampler.prompt=a "red" bus, it\'s 2 = 1+1; $HOME `id` $(date) * ~ \\ !x',
+    "--config.train.note=tab\there\nnew line",
+    "--config.name=été",
+    "positional with spaces",
+    "",
+]
+
 _RECORDER = """#!{python}
 import json, os, shutil, sys
 call = {{"argv": sys.argv[1:]}}

@@ -16,24 +16,20 @@ import time
 
 import pytest
 
-from tests.launch.fakes import REPO, FakeWorker, clean_env, command_of, read_calls, write_recorder
+from tests.launch.fakes import (
+    REPO,
+    TRICKY_ARGS,
+    FakeWorker,
+    clean_env,
+    command_of,
+    read_calls,
+    write_recorder,
+)
 
 SCRIPT = REPO / "launch" / "tpu_vm.sh"
 TPU_VM = ["compute", "tpus", "tpu-vm"]
 QR = ["compute", "tpus", "queued-resources"]
 WHERE = ["--zone=us-central2-b", "--project=my-proj"]
-
-# --config.* overrides that a shell would split, expand or end early if quoted wrongly.
-TRICKY_ARGS = [
-    "--config=configs/pdm.py:two_stream,map_patch_factor=2",
-    "--workdir=gs://my bucket/pdm runs",
-    "--config.data.dir=/mnt/gcs/coco pdm",
-    '--config.sampler.prompt=a "red" bus, it\'s 2 = 1+1; $HOME `id` $(date) * ~ \\ !x',
-    "--config.train.note=tab\there\nnew line",
-    "--config.name=été",
-    "positional with spaces",
-    "",
-]
 
 
 @pytest.fixture
