@@ -220,7 +220,11 @@ class FakeWorker:
 
 
 def command_of(argv: list[str]) -> str:
-    """The ``--command=`` value of a recorded ``gcloud ... ssh`` argv."""
+    """The ``--command=`` value of a recorded ``gcloud ... ssh`` argv.
+
+    This is the string the worker's login shell runs: gcloud splits it at single spaces
+    into ssh's remote-command words (no tty), and ssh joins them with single spaces again.
+    """
     commands = [a.removeprefix("--command=") for a in argv if a.startswith("--command=")]
     assert len(commands) == 1, argv
     return commands[0]
