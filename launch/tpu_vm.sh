@@ -35,7 +35,8 @@ Commands
   delete   Delete the TPU VM (with --queued_resource: the queued resource and its node).
   status   Describe the TPU VM or the queued resource (state, workers).
 
-Settings: a flag, or the environment variable in brackets; flags win.
+Settings: a flag, or the environment variable in brackets; flags win. A flag given to a
+command it does not apply to is an error.
   --tpu_name=NAME           [TPU_NAME]         the slice (and queued resource) name. Required.
   --zone=ZONE               [ZONE]             e.g. us-central2-b. Required.
   --project=PROJECT         [PROJECT]          default: gcloud's configured project.
@@ -58,7 +59,7 @@ setup
   --remote_dir=DIR          [REMOTE_DIR]       code, relative to the home dir; default pdm_jax.
   --venv=DIR                [REMOTE_VENV]      venv, relative to the home dir; default
                                                pdm_jax_venv. Both also apply to run.
-run, logs, stop
+run, logs, ssh, stop, delete
   --run_name=NAME           [RUN_NAME]         run: default pdm-YYYYmmdd-HHMMSS (UTC);
                                                logs: default the newest run.
   --module=MODULE           [MODULE]           run: default pdm_jax.main (pdm_jax.benchmark ...).
