@@ -5,6 +5,10 @@ form fields (the ``NAME = value  # @param`` lines) set the way a user fills them
 smoke setting and output folders under ``tmp_path``. The kernel gets JAX's real CPU devices
 (not the 8 fake ones of the other tests), as a Colab CPU runtime does. Any cell error fails
 the test; the checks then read the pictures and text the cells produced.
+
+The first cell's other branches, which a fresh Colab runtime takes, run here too: cloning
+when the notebook is not inside a checkout (from this repository), and installing, with
+``python -m pip`` replaced by a recorder, for a TPU, GPU and CPU runtime.
 """
 
 import copy
@@ -24,6 +28,31 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 COLAB = REPO / "colab"
 NOTEBOOKS = ("pdm_jax_demo.ipynb", "pdm_jax_weights.ipynb")
 _PARAM_LINE = re.compile(r"^(\w+) = .*?(  # @param .*)$", re.M)
+
+
+# A stand-in for ``python -m pip`` (first on the kernel's PYTHONPATH): it records its
+# arguments and installs nothing.
+_FAKE_PIP = """import json, os, sys
+with open(os.environ["PIP_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+# Run before the first cell: the runtime as the scenario describes it. The kernel's
+# importlib.metadata answers for pdm_jax (not installed) and jax (the runtime's version).
+_RUNTIME = """import importlib.metadata, os
+os.environ.pop("TPU_ACCELERATOR_TYPE", None)
+os.environ["PATH"] = {path!r}
+if {tpu!r}:
+    os.environ["TPU_ACCELERATOR_TYPE"] = "v5litepod-1"
+_version = getattr(importlib.metadata.version, "real", importlib.metadata.version)
+
+def version(name):
+    if name == "pdm_jax" or (name == "jax" and {jax!r} is None):
+        raise importlib.metadata.PackageNotFoundError(name)
+    return {jax!r} if name == "jax" else _version(name)
+
+version.real = _version
+importlib.metadata.version = version
+"""
 
 
 def _read(name: str) -> nbformat.NotebookNode:
@@ -49,9 +78,10 @@ def with_form_values(nb: nbformat.NotebookNode, **values) -> nbformat.NotebookNo
     return nb
 
 
-def execute(nb: nbformat.NotebookNode, cwd: pathlib.Path) -> nbformat.NotebookNode:
-    """Runs every cell in a fresh kernel started in ``cwd``; raises on a cell error."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def execute(nb: nbformat.NotebookNode, cwd: pathlib.Path, **env_vars) -> nbformat.NotebookNode:
+    """Runs every cell in a fresh kernel started in ``cwd`` (``env_vars`` added to its
+    environment); raises on a cell error."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
     env["XLA_FLAGS"] = re.sub(
         r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")
     ).strip()
@@ -149,3 +179,42 @@ def test_notebooks_share_the_first_cell_and_are_committed_without_outputs():
         for cell in _read(name).cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{name}: strip outputs"
+
+
+def test_first_cell_installs_jax_for_the_accelerator_it_finds(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "pip").mkdir(parents=True)
+    (fake / "pip" / "__init__.py").write_text("")
+    (fake / "pip" / "__main__.py").write_text(_FAKE_PIP)
+    gpu_bin = tmp_path / "gpu_bin"
+    gpu_bin.mkdir()
+    (gpu_bin / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA L4'\n")
+    (gpu_bin / "nvidia-smi").chmod(0o755)
+    path = os.environ["PATH"]
+    scenarios = [  # (TPU, nvidia-smi, runtime's jax, USE_CONSTRAINTS)
+        (True, False, "0.12.0", False),  # a newer jax than pyproject allows: jax[tpu]
+        (True, False, "0.10.2", False),  # the runtime's TPU jax fits: kept
+        (False, True, "0.10.2", True),  # the tested versions: jax[cuda12] and constraints
+        (False, False, None, False),  # CPU: pyproject's jax, no plugin
+    ]
+    first = _read(NOTEBOOKS[0]).cells[1]
+    nb = nbformat.v4.new_notebook()
+    for tpu, gpu, jax, constraints in scenarios:
+        runtime = _RUNTIME.format(tpu=tpu, jax=jax, path=f"{gpu_bin}:{path}" if gpu else path)
+        install = with_form_values(
+            nbformat.v4.new_notebook(cells=[copy.deepcopy(first)]), USE_CONSTRAINTS=constraints
+        ).cells[0]
+        nb.cells += [nbformat.v4.new_code_cell(runtime), install]
+    log = tmp_path / "pip.log"
+    text = text_of(execute(nb, REPO, PYTHONPATH=str(fake), PIP_LOG=str(log)))
+    found = re.findall(rf"pdm_jax from {re.escape(str(REPO))}; accelerator: (\w+)", text)
+    assert found == ["tpu", "tpu", "gpu", "cpu"]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    bounds = re.search(r'"jax(>=[^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    editable = ["install", "-q", "-e", "."]
+    assert calls == [
+        [*editable, f"jax[tpu]{bounds}"],
+        editable,
+        [*editable, f"jax[cuda12]{bounds}", "-c", "constraints.txt"],
+        editable,
+    ]
