@@ -49,7 +49,8 @@ checkpoint's EMA parameters, then scores them (the paper's table: FID, CLIP scor
 Layout (``<task>`` is one of ``TASKS``)::
 
     <workdir>/eval/<step>/samples_<task>/settings.json   what the samples depend on
-    <workdir>/eval/<step>/samples_<task>/000123.png      image (caption in its PNG text)
+    <workdir>/eval/<step>/samples_<task>/000123.png      image (caption in its PNG text;
+                                                         none for given_image)
     <workdir>/eval/<step>/samples_<task>/000123_map.png  generated ids, 8-bit grey PNG
     <workdir>/eval/<step>/metrics.json                   {"step": .., "<task>": {...}}
     <workdir>/eval/<step>/fid_stats_<task>.npz           mu, sigma of the samples

@@ -1,7 +1,9 @@
 """Evaluation's scoring: per-sample figures, their gathering over processes and summary.
 
 ``synthetic_figures`` is the synthetic world's oracle scoring (map ↔ image agreement,
-caption recall, MCD) that both ``--mode=evaluate`` and the demo's ``metrics.json`` use.
+caption recall, MCD) that both ``--mode=evaluate`` and the demo's ``metrics.json`` use. The
+given-image and inpainting tasks score generated maps against the ground truth with
+``panoptic_quality`` (mIoU, PQ), whose additive counts are summed, not averaged.
 """
 
 from collections.abc import Sequence

@@ -1,7 +1,10 @@
 """Evaluation's resumable sample store: one PNG per sample, written once, never regenerated.
 
 ``settings.json`` records what the samples depend on; a later run with other settings is
-refused, and a run with more samples only samples the new indices.
+refused, and a run with more samples only samples the new indices. The given-image task
+writes the generated map only (its PNG text holds the caption); the inpainting task's map
+PNG also records the largest change of a known latent and map pixel
+(``known_latent_max_abs_diff``, ``known_map_max_abs_diff``).
 """
 
 import json
