@@ -253,7 +253,9 @@ def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
         if metrics is not None:
             row = {"method": cell.method, "order": cell.order, "nfe": cell.steps}
             row.update({k: v for k, v in metrics.items() if isinstance(v, float) or v is None})
-            row["sampling_seconds"] = metrics["sampling"]["seconds"]
+            # None when every sample was reused from an earlier run (nothing was timed).
+            sampled = metrics["sampling"]["generated"] > 0
+            row["sampling_seconds"] = metrics["sampling"]["seconds"] if sampled else None
             rows.append(row)
     table = {"step": step, "task": ev.task, "num_samples": int(ev.num_samples), "cells": rows}
     if jax.process_index() == 0:
@@ -273,7 +275,8 @@ def sweep_markdown(table: dict[str, Any]) -> str:
 
     Returns:
       The Markdown text (a caption line, then the table of the ``SWEEP_COLUMNS`` present,
-      the known-region checks and the sampling seconds, compilation included).
+      the known-region checks and the sampling seconds, compilation included; "–" where the
+      samples were reused from an earlier run).
     """
     rows = table["cells"]
     found = {k for r in rows for k in r}
