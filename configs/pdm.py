@@ -156,7 +156,9 @@ def _base_config() -> ml_collections.ConfigDict:
     c.eval = ev = ml_collections.ConfigDict()
     ev.num_samples = 0  # 0: 30,000 for COCO (the paper), 256 for the synthetic world
     ev.step = -1  # checkpoint step; -1: the latest
-    ev.task = "cogenerate"  # cogenerate | given_map
+    # cogenerate | given_map (image for the ground-truth map) | given_image (map for the
+    # reference image: mIoU, PQ) | inpaint (a seeded box of image and map regenerated)
+    ev.task = "cogenerate"
     ev.batch_size = 16
     ev.seed = 0  # sample i uses seed + i
     ev.use_ema = True
@@ -165,6 +167,10 @@ def _base_config() -> ml_collections.ConfigDict:
     ev.inception_batch_size = 50
     ev.clip = ""  # CLIP ViT-B/32 directory; "" skips the CLIP score
     ev.clip_batch_size = 64
+    ev.mask_fraction = 0.25  # inpaint: share of the image the seeded box regenerates
+    # Solver sweep: "method[/order]:NFE,NFE;..." (e.g. "fast:10,20,50;sde_multistep/2:10,20")
+    # scores the checkpoint once per cell and writes eval/<step>/sweep_<task>.{json,md}.
+    ev.sweep = ""
 
     c.demo = de = ml_collections.ConfigDict()
     de.use_metrics = False  # after training, sample held-out prompts and write metrics.json

@@ -12,8 +12,10 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
   captions, whose contexts the prepared data holds, so they need no CLIP.
 * ``sample`` on COCO: the VAE, and the CLIP text encoder for raw prompts
   (``sample.prompt``/``sample.prompts_file``, or any prompt without ``data.dir``).
-* ``evaluate``: ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist when
-  set; on COCO, the VAE.
+* ``evaluate``: ``eval.task`` is known (and a PDM's for the map tasks), ``eval.sweep`` parses
+  (``method[/order]:NFE,...``, known methods, possible orders), ``eval.mask_fraction`` lies in
+  (0, 1) for inpainting, ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist
+  when set; on COCO, the VAE (not for ``given_image``, which decodes no image).
 * ``train`` and ``evaluate`` on COCO: ``data.dir`` is set.
 
 Every refusal is a :class:`PreflightError` naming the flag that fixes it.
@@ -78,7 +80,7 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
             _check_text_encoder(config, f"{why} (the CLIP contexts the model is conditioned on)")
     elif mode == "evaluate":
         _check_eval_files(config)
-        if coco:
+        if coco and config.eval.task != "given_image":
             _check_vae(config, "Evaluation decodes every sample with it before scoring")
     return config
 

@@ -135,6 +135,8 @@ class EvalSpec:
     inception_batch_size: int
     clip: str
     clip_batch_size: int
+    mask_fraction: float
+    sweep: str
 
 
 @dataclasses.dataclass(frozen=True)

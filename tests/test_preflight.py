@@ -158,8 +158,30 @@ def test_evaluation_files_are_checked_before_sampling(tmp_path, vae_dir, caplog)
     config = _coco()
     with pytest.raises(preflight.PreflightError, match=r"Evaluation decodes.*--vae=PATH"):
         preflight.preflight(config, "evaluate", str(tmp_path))
+    config.eval.task = "given_image"  # decodes no image: no VAE needed
+    preflight.preflight(config, "evaluate", str(tmp_path))
     # The synthetic world needs no weights.
     preflight.preflight(pdm_configs.get_config("demo,tiny=1"), "evaluate", str(tmp_path))
+
+
+def test_evaluation_task_sweep_and_mask_are_checked_before_sampling(tmp_path):
+    def refused(match, **changes):
+        config = pdm_configs.get_config("demo,tiny=1")
+        config.eval.update(**changes)
+        with pytest.raises(preflight.PreflightError, match=match):
+            preflight.preflight(config, "evaluate", str(tmp_path))
+
+    refused(r"eval.task='segment'.*given_image", task="segment")
+    refused("eval.sweep method 'euler'", sweep="euler:10")
+    refused("NFE,NFE", sweep="fast:")
+    refused("has no order 3", sweep="sde_multistep/3:10")
+    refused(r"mask_fraction=1.5 must lie in \(0, 1\)", task="inpaint", mask_fraction=1.5)
+    refused("FID and the CLIP score do not apply", task="given_image", clip=str(tmp_path))
+    uvit = pdm_configs.get_config("uvit,tiny=1")
+    uvit.data.source = "synthetic"
+    uvit.eval.task = "inpaint"
+    with pytest.raises(preflight.PreflightError, match="needs a PDM"):
+        preflight.preflight(uvit, "evaluate", str(tmp_path))
 
 
 def test_the_checkpoint_of_a_step_is_saved_before_its_grid(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """Evaluation's scoring: per-sample figures, their gathering over processes and summary.
 
 ``synthetic_figures`` is the synthetic world's oracle scoring (map ↔ image agreement,
-caption recall, MCD) that both ``--mode=evaluate`` and the demo's ``metrics.json`` use.
+caption recall, MCD) that both ``--mode=evaluate`` and the demo's ``metrics.json`` use. The
+given-image and inpainting tasks score generated maps against the ground truth with
+``panoptic_quality`` (mIoU, PQ), whose additive counts are summed, not averaged.
 """
 
 from collections.abc import Sequence
@@ -17,6 +19,8 @@ from pdm_jax import specs
 from pdm_jax.data.synthetic import world as world_lib
 from pdm_jax.evaluation import clip_score, fid, reference_stats, store
 from pdm_jax.evaluation import mcd as mcd_lib
+from pdm_jax.evaluation import panoptic_quality as pq_lib
+from pdm_jax.evaluation import prompts as prompts_lib
 
 
 def synthetic_figures(
@@ -77,11 +81,40 @@ def mean_over_scored(values: np.ndarray) -> float | None:
     return float(np.mean(scored)) if scored.size else None
 
 
-def _iou_figures(maps: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample thing IoU and stuff mIoU of ``maps`` against the oracle's ``seg``."""
+def _iou_figures(
+    maps: np.ndarray,
+    seg: np.ndarray,
+    thing_ids: Sequence[int] = world_lib.THING_IDS,
+    stuff_ids: Sequence[int] = world_lib.STUFF_IDS,
+    prefix: str = "",
+) -> dict[str, np.ndarray]:
+    """Per-sample thing IoU and stuff mIoU of ``maps`` against ``seg`` (the oracle's reading
+    of the image, or the ground truth)."""
     return {
-        "thing_iou": mcd_lib.category_iou_per_pair(maps, seg, world_lib.THING_IDS),
-        "stuff_miou": mcd_lib.category_iou_per_pair(maps, seg, world_lib.STUFF_IDS),
+        f"{prefix}thing_iou": mcd_lib.category_iou_per_pair(maps, seg, thing_ids),
+        f"{prefix}stuff_miou": mcd_lib.category_iou_per_pair(maps, seg, stuff_ids),
+    }
+
+
+def _inpaint_figures(
+    ev: specs.EvalSpec,
+    chunk: Sequence[int],
+    maps: np.ndarray,
+    refs: np.ndarray,
+    read: list[tuple[np.ndarray, dict[str, str]]],
+    tables: tuple[Sequence[int], Sequence[int]],
+    latent_side: int,
+) -> dict[str, np.ndarray]:
+    """The inpainting task's figures of a batch: the generated map against the ground truth
+    inside the regenerated box (outside it both are void), and the known region's error."""
+    box = _boxes(ev, chunk, latent_side, maps.shape[-1])
+    gt, gen = np.where(box, refs, 0), np.where(box, maps, 0)
+    return {
+        "masked_counts": pq_lib.segmentation_counts(gt, gen, *tables)[None],
+        **_iou_figures(gen, gt, *tables, prefix="masked_"),
+        "mask_fraction": box.mean(axis=(1, 2)),
+        "known_latent_max_abs_diff": [float(t["known_latent_max_abs_diff"]) for _, t in read],
+        "known_map_max_abs_diff": [int(t["known_map_max_abs_diff"]) for _, t in read],
     }
 
 
@@ -94,30 +127,40 @@ def score_samples(
     extractor: reference_stats.InceptionFeatures | None,
     embedder: Any,
     needs_map: bool,
+    latent_side: int = 0,
 ) -> dict[str, np.ndarray]:
     """Per-sample scores of the samples ``indices``.
 
     Args:
       ev: the ``eval`` settings.
-      prompts: the prompts the samples were made for.
+      prompts: the prompts the samples were made for (``thing_ids``/``stuff_ids`` name the
+        category tables).
       world: the synthetic world (its oracle segmenter), or None.
       samples_dir: the sample files.
       indices: which samples.
       extractor: Inception features for FID, or None.
       embedder: a ``ClipEmbedder`` for the CLIP score, or None.
       needs_map: whether the samples have generated maps.
+      latent_side: the model's latent side S (the inpainting boxes are drawn there).
 
     Returns:
-      ``{name: [n] per-sample values}`` plus ``features`` [n, 2048] for FID.
+      ``{name: [n] per-sample values}`` plus ``features`` [n, 2048] for FID and, for the
+      given-image and inpainting tasks, ``segmentation_counts`` / ``masked_counts``
+      [1, 6, 201] (``panoptic_quality.segmentation_counts`` of this slice, summed).
     """
     batch = extractor.batch_size if extractor is not None else int(ev.inception_batch_size)
     out: dict[str, list[np.ndarray]] = {}
     add = lambda key, value: out.setdefault(key, []).append(np.asarray(value))
     text_cache: dict[str, np.ndarray] = {}
+    tables = (prompts.thing_ids, prompts.stuff_ids) if needs_map else None
     for lo in tqdm.tqdm(range(0, len(indices), batch), unit="batch", desc="scoring"):
         chunk = list(indices[lo : lo + batch])
         batch_prompts = [prompts[i] for i in chunk]
-        images = np.stack([store.read_png(samples_dir / store.sample_name(i))[0] for i in chunk])
+        images = None
+        if store.has_generated_images(ev):
+            images = np.stack(
+                [store.read_png(samples_dir / store.sample_name(i))[0] for i in chunk]
+            )
         refs = None if batch_prompts[0].map is None else np.stack([p.map for p in batch_prompts])
         captions = [p.caption for p in batch_prompts]
         if extractor is not None:
@@ -131,11 +174,48 @@ def score_samples(
             maps = np.stack([ids for ids, _ in read]).astype(np.int32)
             add("mcd", mcd_lib.mean_count_difference_per_pair(refs, maps))
             add("invalid_map_pixels", [int(t["invalid_pixels"]) / ids.size for ids, t in read])
-        if world is not None:
-            for key, value in synthetic_figures(world, captions, images, maps, refs).items():
+        if ev.task == "given_image":
+            add("segmentation_counts", pq_lib.segmentation_counts(refs, maps, *tables)[None])
+            for key, value in _iou_figures(maps, refs, *tables).items():
+                add(key, value)
+        if ev.task == "inpaint":
+            figures = _inpaint_figures(ev, chunk, maps, refs, read, tables, latent_side)
+            for key, value in figures.items():
+                add(key, value)
+        if world is not None and images is not None:
+            figures = synthetic_figures(world, captions, images, maps, refs)
+            if ev.task == "inpaint":
+                # Inside the box: do the regenerated things stand where the map puts them?
+                box = _boxes(ev, chunk, latent_side, maps.shape[-1])
+                seg = world.segment(images, maps.shape[-1])
+                figures["masked_thing_iou_image"] = mcd_lib.category_iou_per_pair(
+                    np.where(box, maps, world_lib.VOID_ID),
+                    np.where(box, seg, world_lib.VOID_ID),
+                    world_lib.THING_IDS,
+                )
+            for key, value in figures.items():
                 if key != "mcd" or maps is None:  # a generated map's MCD is added above
                     add(key, value)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return {k: _merge(k, v) for k, v in out.items()}
+
+
+def _merge(key: str, parts: list[np.ndarray]) -> np.ndarray:
+    """Per-sample values concatenated; counts summed (kept as one [1, 6, 201] row)."""
+    if key.endswith("_counts"):
+        return np.sum(parts, axis=0)
+    return np.concatenate(parts)
+
+
+def _boxes(ev: specs.EvalSpec, chunk: Sequence[int], latent_side: int, map_side: int) -> np.ndarray:
+    """bool [B, M, M]: the regenerated box of each sample at the map side."""
+    return np.stack(
+        [
+            prompts_lib.upscale_mask(
+                prompts_lib.inpaint_mask(ev.seed, i, latent_side, ev.mask_fraction), map_side
+            )
+            for i in chunk
+        ]
+    )
 
 
 def _clip_scores(
@@ -173,20 +253,42 @@ def gather(scores: dict[str, np.ndarray], eval_dir: epath.Path, task: str) -> di
     return {k: np.concatenate([q[k] for q in parts if k in q]) for k in keys}
 
 
+# Per-sample values summarised by their maximum (an exactness check), not their mean.
+MAX_KEYS = ("known_latent_max_abs_diff", "known_map_max_abs_diff")
+
+
 def summarise(
-    scores: dict[str, np.ndarray], ev: specs.EvalSpec, eval_dir: epath.Path
-) -> dict[str, float]:
-    """Means of the per-sample scores, and the FID of the features.
+    scores: dict[str, np.ndarray],
+    ev: specs.EvalSpec,
+    eval_dir: epath.Path,
+    tables: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> dict[str, Any]:
+    """Means of the per-sample scores, the FID of the features, the segmentation figures.
 
     Args:
       scores: every sample's scores (``score_samples`` of all processes).
       ev: the ``eval`` settings (``fid_stats``, ``task``).
       eval_dir: where the samples' own FID statistics are written.
+      tables: ``(thing_ids, stuff_ids)``, needed when ``scores`` hold counts.
 
     Returns:
-      ``{metric: value}``.
+      ``{metric: value}``: ``segmentation_counts`` become ``miou``, ``pq``, ``sq``, ``rq``
+      (and their ``_things``/``_stuff`` variants, ``panoptic_quality.segmentation_summary``),
+      ``masked_counts`` become ``masked_miou`` (and its variants); ``MAX_KEYS`` are maxima.
     """
-    metrics = {k: mean_over_scored(v) for k, v in scores.items() if k != "features"}
+    metrics: dict[str, Any] = {}
+    for key, value in scores.items():
+        if key == "features":
+            continue
+        if key == "segmentation_counts":
+            metrics.update(pq_lib.segmentation_summary(value, *tables))
+        elif key == "masked_counts":
+            summary = pq_lib.segmentation_summary(value, *tables, prefix="masked_")
+            metrics.update({k: v for k, v in summary.items() if "miou" in k})
+        elif key in MAX_KEYS:
+            metrics[key] = float(np.max(value)) if np.size(value) else None
+        else:
+            metrics[key] = mean_over_scored(value)
     if "features" in scores:
         mu, sigma = fid.feature_statistics(scores["features"])
         with (eval_dir / f"fid_stats_{ev.task}.npz").open("wb") as f:

@@ -1,7 +1,10 @@
 """Evaluation's resumable sample store: one PNG per sample, written once, never regenerated.
 
 ``settings.json`` records what the samples depend on; a later run with other settings is
-refused, and a run with more samples only samples the new indices.
+refused, and a run with more samples only samples the new indices. The given-image task
+writes the generated map only (its PNG text holds the caption); the inpainting task's map
+PNG also records the largest change of a known latent and map pixel
+(``known_latent_max_abs_diff``, ``known_map_max_abs_diff``).
 """
 
 import json
@@ -16,13 +19,21 @@ from PIL import Image, PngImagePlugin
 
 from pdm_jax import specs
 from pdm_jax.data.schema import DatasetInfo
-from pdm_jax.evaluation.prompts import host_indices
+from pdm_jax.evaluation.prompts import host_indices, inpaint_mask, upscale_mask
 from pdm_jax.sampling.sampler import Sampler
+
+MAP_TASKS = ("cogenerate", "given_image", "inpaint")  # tasks that generate a map
 
 
 def has_generated_maps(config: specs.RunSpec, ev: specs.EvalSpec) -> bool:
-    """Whether the samples include a generated map (a PDM cogenerating)."""
-    return config.model.has_map and ev.task == "cogenerate"
+    """Whether the samples include a generated map (a PDM cogenerating, segmenting or
+    inpainting)."""
+    return config.model.has_map and ev.task in MAP_TASKS
+
+
+def has_generated_images(ev: specs.EvalSpec) -> bool:
+    """Whether the samples include a generated image (all tasks but ``given_image``)."""
+    return ev.task != "given_image"
 
 
 def sample_name(i: int, suffix: str = "") -> str:
@@ -66,11 +77,49 @@ def check_settings(samples_dir: epath.Path, settings: dict[str, Any]) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
-def done_indices(samples_dir: epath.Path, needs_map: bool) -> set[int]:
-    """Indices whose files are complete (the image is written last)."""
+def done_indices(samples_dir: epath.Path, needs_map: bool, needs_image: bool = True) -> set[int]:
+    """Indices whose files are complete (the image, when there is one, is written last)."""
     names = {p.name for p in samples_dir.iterdir()} if samples_dir.exists() else set()
+    if not needs_image:
+        maps = {n[: -len("_map.png")] for n in names if n.endswith("_map.png")}
+        return {int(n) for n in maps if n.isdigit()}
     images = {int(n[:-4]) for n in names if n.endswith(".png") and n[:-4].isdigit()}
     return {i for i in images if not needs_map or sample_name(i, "_map") in names}
+
+
+def task_inputs(
+    ev: specs.EvalSpec, batch_prompts: list[Any], indices: list[int], latent_side: int
+) -> dict[str, np.ndarray | None]:
+    """The known inputs and masks of a batch for ``ev.task`` (``Sampler`` keywords).
+
+    ``given_map``: the ground-truth maps; ``given_image``: the reference latents;
+    ``inpaint``: both, with the box of ``prompts.inpaint_mask`` regenerated in the latent
+    and in the map (1 = known in the masks).
+    """
+    known = dict(known_latents=None, known_maps=None, mask_x=None, mask_m=None)
+    if ev.task in ("given_map", "inpaint"):
+        known["known_maps"] = np.stack([p.map for p in batch_prompts])  # [B, M, M]
+    if ev.task in ("given_image", "inpaint"):
+        known["known_latents"] = np.stack([p.latent for p in batch_prompts])  # [B, S, S, C]
+    if ev.task == "inpaint":
+        boxes = np.stack(
+            [inpaint_mask(ev.seed, i, latent_side, ev.mask_fraction) for i in indices]
+        )  # [B, S, S]
+        map_side = known["known_maps"].shape[-1]
+        known["mask_x"] = (~boxes).astype(np.float32)[..., None]
+        known["mask_m"] = (~upscale_mask(boxes, map_side)).astype(np.float32)[..., None]
+    return known
+
+
+def known_region_error(out: Any, known: dict[str, np.ndarray | None], j: int) -> dict[str, str]:
+    """PNG text entries of sample ``j``: max |generated − known| over its known region."""
+    keep_x, keep_m = known["mask_x"][j, ..., 0] > 0, known["mask_m"][j, ..., 0] > 0
+    dx = np.abs(out.latents[j] - known["known_latents"][j])[keep_x]
+    dm = np.abs(out.maps[j].astype(np.int64) - known["known_maps"][j])[keep_m]
+    return {
+        "known_latent_max_abs_diff": repr(float(dx.max(initial=0.0))),
+        "known_map_max_abs_diff": str(int(dm.max(initial=0))),
+    }
 
 
 def generate_samples(
@@ -94,9 +143,9 @@ def generate_samples(
     Returns:
       ``(number generated, seconds)``.
     """
-    needs_map = has_generated_maps(config, ev)
+    needs_map, needs_image = has_generated_maps(config, ev), has_generated_images(ev)
     mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
-    done = done_indices(samples_dir, needs_map)
+    done = done_indices(samples_dir, needs_map, needs_image)
     todo = [i for i in mine if i not in done]
     if not todo:
         return 0, 0.0
@@ -112,21 +161,25 @@ def generate_samples(
         for lo in range(0, len(todo), sampler.batch_size):
             indices = todo[lo : lo + sampler.batch_size]
             batch_prompts = [prompts[i] for i in indices]
-            known = None
-            if ev.task == "given_map":
-                known = np.stack([p.map for p in batch_prompts])  # [B, M, M]
+            known = task_inputs(ev, batch_prompts, indices, config.model.img_size)
             out = sampler(
                 [ev.seed + i for i in indices],
                 contexts=np.stack([p.context for p in batch_prompts]),  # [B, T, D]
                 task=ev.task,
-                known_maps=known,
+                decode_images=needs_image,
+                **known,
             )
             for j, i in enumerate(indices):
+                caption = {"caption": batch_prompts[j].caption}
                 if needs_map:
                     ids = out.maps[j].astype(np.uint8)  # ids <= 200
                     text = {"invalid_pixels": str(int(out.num_invalid[j]))}
+                    if ev.task == "inpaint":
+                        text.update(known_region_error(out, known, j))
+                    if not needs_image:
+                        text.update(caption)
                     write_png(samples_dir / sample_name(i, "_map"), ids, text)
-                caption = {"caption": batch_prompts[j].caption}
-                write_png(samples_dir / sample_name(i), out.images[j], caption)
+                if needs_image:
+                    write_png(samples_dir / sample_name(i), out.images[j], caption)
             progress.update(len(indices))
     return len(todo), time.perf_counter() - t0

@@ -23,6 +23,7 @@ from pdm_jax.data.synthetic import world as world_lib
 from pdm_jax.diffusion import maps
 from pdm_jax.evaluation import clip_score, fid
 from pdm_jax.evaluation import mcd as mcd_lib
+from pdm_jax.evaluation import panoptic_quality as pq_lib
 from pdm_jax.evaluation import prompts as eval_prompts
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.models import inception
@@ -385,3 +386,161 @@ def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
         for i, c in enumerate(captions)
     ]
     np.testing.assert_allclose(metrics["clip_score"], np.mean(per_image), rtol=1e-5)
+
+
+def _with_eval(config, **changes):
+    """Sets ``config.eval`` fields; returns the old values (restore with ``update``)."""
+    old = {k: config.eval[k] for k in changes}
+    config.eval.update(**changes)
+    return old
+
+
+def test_given_image_task_scores_the_generated_maps_against_the_ground_truth(synthetic_run):
+    config, workdir, _ = synthetic_run
+    old = _with_eval(config, task="given_image", num_samples=6)
+    try:
+        metrics = evaluate.run_evaluate(config, str(workdir))
+    finally:
+        config.eval.update(**old)
+    samples = workdir / "eval" / "0" / "samples_given_image"
+    assert not list(samples.glob("??????.png"))  # the image is given: only maps are written
+    gen = np.stack([_read(samples / f"{i:06d}_map.png") for i in range(6)]).astype(np.int32)
+    ref = synthetic.synthetic_world(specs.from_config(config).data).held_out_prompts(6)
+    counts = pq_lib.segmentation_counts(ref["map"], gen, world_lib.THING_IDS, world_lib.STUFF_IDS)
+    expected = pq_lib.segmentation_summary(counts, world_lib.THING_IDS, world_lib.STUFF_IDS)
+    for key, value in expected.items():
+        if value is None:
+            assert metrics[key] is None, key
+        else:
+            np.testing.assert_allclose(metrics[key], value, rtol=1e-12, err_msg=key)
+    np.testing.assert_allclose(metrics["mcd"], mcd_lib.mean_count_difference(ref["map"], gen))
+    # The map generated for the held-out latent, as sample mode's sampler draws it.
+    run = specs.from_config(config)
+    _, info = pipeline.create_source(run.data, "held_out")
+    params, _ = checkpointing.load_params(str(workdir))
+    sampler = Sampler(run.model, run.diffusion, run.sampler, info, params, batch_size=2)
+    latents = ref["latent"][:2] * np.float32(run.data.latent_scale)
+    out = sampler(
+        [5, 6],
+        captions=ref["caption"][:2],
+        task="given_image",
+        known_latents=latents,
+        decode_images=False,
+    )
+    np.testing.assert_array_equal(out.maps, gen[:2])
+
+
+def test_inpaint_task_keeps_the_known_region_and_scores_the_box(synthetic_run):
+    config, workdir, _ = synthetic_run
+    old = _with_eval(config, task="inpaint", num_samples=6, mask_fraction=0.3)
+    try:
+        metrics = evaluate.run_evaluate(config, str(workdir))
+    finally:
+        config.eval.update(**old)
+    assert metrics["known_latent_max_abs_diff"] == 0.0
+    assert metrics["known_map_max_abs_diff"] == 0.0
+    samples = workdir / "eval" / "0" / "samples_inpaint"
+    gen = np.stack([_read(samples / f"{i:06d}_map.png") for i in range(6)]).astype(np.int32)
+    run = specs.from_config(config)
+    ref = synthetic.synthetic_world(run.data).held_out_prompts(6)["map"]
+    s, m = run.model.img_size, run.model.map_size
+    boxes = np.stack(
+        [eval_prompts.upscale_mask(eval_prompts.inpaint_mask(5, i, s, 0.3), m) for i in range(6)]
+    )
+    np.testing.assert_array_equal(gen[~boxes], ref[~boxes])  # the known map, exactly
+    assert abs(boxes.mean() - 0.3) < 0.1 and 0.2 < metrics["mask_fraction"] < 0.4
+    np.testing.assert_allclose(metrics["mask_fraction"], boxes.mean())
+    inside = lambda a: np.where(boxes, a, 0)
+    counts = pq_lib.segmentation_counts(
+        inside(ref), inside(gen), world_lib.THING_IDS, world_lib.STUFF_IDS
+    )
+    expected = pq_lib.segmentation_summary(counts, world_lib.THING_IDS, world_lib.STUFF_IDS)
+    np.testing.assert_allclose(metrics["masked_miou"], expected["miou"], rtol=1e-12)
+    things = mcd_lib.category_iou_per_pair(inside(gen), inside(ref), world_lib.THING_IDS)
+    if np.all(np.isnan(things)):
+        assert metrics["masked_thing_iou"] is None
+    else:
+        np.testing.assert_allclose(metrics["masked_thing_iou"], np.nanmean(things), rtol=1e-12)
+    assert {"thing_iou", "caption_recall", "masked_thing_iou_image"} <= metrics.keys()
+
+
+def test_inpaint_masks_are_seeded_boxes_of_the_asked_share():
+    a = eval_prompts.inpaint_mask(0, 3, 16, 0.25)
+    np.testing.assert_array_equal(a, eval_prompts.inpaint_mask(0, 3, 16, 0.25))
+    assert not np.array_equal(a, eval_prompts.inpaint_mask(0, 4, 16, 0.25))
+    rows, cols = np.nonzero(a)
+    assert a.sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)  # one box
+    shares = [eval_prompts.inpaint_mask(1, i, 16, 0.25).mean() for i in range(50)]
+    assert abs(np.mean(shares) - 0.25) < 0.02
+    with pytest.raises(ValueError, match="mask_fraction"):
+        eval_prompts.inpaint_mask(0, 0, 16, 1.0)
+
+
+def test_sweep_writes_a_table_with_every_cell(synthetic_run):
+    config, workdir, _ = synthetic_run
+    old = _with_eval(config, task="given_image", num_samples=3, sweep="sde_multistep:4,2;fast:2")
+    try:
+        table = evaluate.run_evaluate(config, str(workdir))
+    finally:
+        config.eval.update(**old)
+    cells = [(r["method"], r["order"], r["nfe"]) for r in table["cells"]]
+    # The cells in the order given, at the demo's order 2 (its sampler: sde_multistep, NFE 4).
+    assert cells == [("sde_multistep", 2, 4), ("sde_multistep", 2, 2), ("fast", 2, 2)]
+    eval_dir = workdir / "eval" / "0"
+    assert json.loads((eval_dir / "sweep_given_image.json").read_text()) == table
+    md = (eval_dir / "sweep_given_image.md").read_text().splitlines()
+    assert md[2].startswith("| method | order | NFE | thing_iou") and len(md) == 4 + 3
+    for row in table["cells"]:
+        cell = eval_dir / "sweep_given_image" / f"{row['method']}_o{row['order']}_nfe{row['nfe']}"
+        written = json.loads((cell / "metrics.json").read_text())["given_image"]
+        assert written["sampler"]["steps"] == row["nfe"] and written["pq"] == row["pq"]
+
+
+def test_sweep_strings_are_parsed_or_refused():
+    cells = evaluate.parse_sweep(" multistep/3:10,20 ; sde_multistep:5;multistep/3:10", 3)
+    assert [(c.method, c.order, c.steps) for c in cells] == [
+        ("multistep", 3, 10),
+        ("multistep", 3, 20),
+        ("sde_multistep", 2, 5),
+    ]
+    for bad, match in (
+        ("euler:10", "unknown"),
+        ("fast", "NFE"),
+        ("fast:ten", "not understood"),
+        ("sde_multistep/3:10", "no order 3"),
+        ("multistep/3:2", "below the order"),
+        (";", "names no cell"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            evaluate.parse_sweep(bad, 2)
+
+
+@pytest.mark.slow
+def test_coco_shaped_segmentation(coco_setup, tmp_path):
+    _, prepared, _ = coco_setup
+    config = get_config("one_stream,tiny=1")
+    config.data.update(source="coco", dir=prepared, latent_scale=1.0)
+    config.eval.update(num_samples=3, batch_size=8, task="given_image")
+    _save_fresh_checkpoint(config, tmp_path)
+    source = coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
+    info = schema.DatasetInfo(
+        empty_context=source.empty_context,
+        encode_text=_HashedContexts(),
+        encode_images=lambda images: _BlockMeanMoments()(images)[0],
+        decode_latents=_decode,
+        category_names=coco.category_names(),
+        colour_table=coco.colour_table(),
+        eval_prompts=(),
+    )
+    metrics = evaluate.run_evaluate(config, str(tmp_path), info=info)
+    samples = tmp_path / "eval" / "0" / "samples_given_image"
+    gen = np.stack([_read(samples / f"{i:06d}_map.png") for i in range(3)]).astype(np.int32)
+    truth = np.stack([source[i]["map"] for i in range(3)])
+    categories = coco.load_categories()
+    things = [c["id"] for c in categories if c["isthing"]]
+    stuff = [c["id"] for c in categories if not c["isthing"]]
+    expected = pq_lib.segmentation_summary(
+        pq_lib.segmentation_counts(truth, gen, things, stuff), things, stuff
+    )
+    assert {k: metrics[k] for k in expected} == expected
+    assert "map_image_agreement" not in metrics  # no oracle on COCO
