@@ -219,7 +219,7 @@ def bytes_per_device(abstract: Any, shardings: Any) -> int:
     return total
 
 
-def _dict_keys(path: Sequence[Any]) -> tuple[str, ...]:
+def trailing_dict_keys(path: Sequence[Any]) -> tuple[str, ...]:
     """The trailing run of dict keys of a pytree path."""
     keys = []
     for entry in reversed(path):
@@ -248,12 +248,12 @@ def mirror_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     by_path = {
-        _dict_keys(path): (tuple(leaf.shape), s)
+        trailing_dict_keys(path): (tuple(leaf.shape), s)
         for (path, leaf), s in zip(flat, jax.tree.leaves(param_shardings), strict=True)
     }
 
     def one(path, leaf):
-        shape, found = by_path.get(_dict_keys(path), (None, None))
+        shape, found = by_path.get(trailing_dict_keys(path), (None, None))
         return found if shape == tuple(leaf.shape) else replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(one, tree)
