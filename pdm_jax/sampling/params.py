@@ -1,5 +1,6 @@
 """The one parameter loader of sampling and evaluation: a checkpoint's params, checked."""
 
+import functools
 from typing import Any
 
 from jax.sharding import Mesh
@@ -8,8 +9,11 @@ from pdm_jax import checkpointing, models, sharding
 from pdm_jax.models.spec import ModelSpec
 
 
+@functools.lru_cache(maxsize=16)
 def param_shardings(model: ModelSpec, mesh: Mesh) -> Any:
     """Where each parameter of ``model`` lives on ``mesh``: its logical axes under the rules.
+
+    Cached per (model, mesh): the sampler places its parameters with it at every swap.
 
     Args:
       model: the model spec (its partitioning annotations name each dimension).
