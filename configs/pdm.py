@@ -120,8 +120,12 @@ def _base_config() -> ml_collections.ConfigDict:
     dt.clip = ""  # COCO: CLIP ViT-L/14 text directory, to sample from raw prompts
 
     c.sharding = sh = ml_collections.ConfigDict()
-    sh.mesh_shape = (-1,)  # -1: all devices on the data axis
-    sh.mesh_axes = ("data",)
+    # Axes data (replicas), fsdp (replicas that split parameters and optimizer state) and
+    # tensor (heads / MLP hidden split); the batch is split over data × fsdp. One -1 takes
+    # the remaining devices: (-1, 1, 1) data parallel, (1, -1, 1) FSDP, (1, -1, 2) FSDP
+    # with 2-way tensor parallelism (README, Scaling).
+    sh.mesh_shape = (-1, 1, 1)
+    sh.mesh_axes = ("data", "fsdp", "tensor")
     # Host CPU only: split it into this many single-threaded XLA devices, each running its
     # slice of the batch on its own core (0: JAX's one device; -1: one per core, reduced to
     # a divisor of the batch). Small models run ~1.5× faster on 2 cores; GPUs/TPUs ignore it.

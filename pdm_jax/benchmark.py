@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from pdm_jax import models, sharding, specs
 from pdm_jax.sampling import sampler as sampler_lib
+from pdm_jax.sampling.params import param_shardings
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
 
@@ -93,7 +94,8 @@ def _program(
             return metrics
 
         return fn, (lambda: (holder["state"], batch)), run
-    params = jax.jit(functools.partial(models.init_params, config.model))(rng)
+    placed = param_shardings(config.model, mesh)
+    params = jax.jit(functools.partial(models.init_params, config.model), out_shardings=placed)(rng)
     denoise = models.denoise_fn(config.model)
     has_map = config.model.name != "uvit"
     m_t = None
@@ -102,7 +104,7 @@ def _program(
         m_t = jnp.zeros((batch_size, side, side, config.model.num_bits), jnp.float32)
     t = jnp.full((batch_size,), 500.0)
     if what == "denoise":
-        fn = jax.jit(denoise)
+        fn = sharding.MeshProgram(jax.jit(denoise), mesh)
         args = (params, batch["latent"], m_t, t, batch["context"])
         return fn, (lambda: args), (lambda compiled: compiled(*args))
     solver = dataclasses.replace(config.sampler, steps=steps) if steps else config.sampler
@@ -110,7 +112,6 @@ def _program(
         config.model, config.diffusion, solver, "cogenerate", (0, 1), mesh, (False,) * 4
     )
     fn = sampler_lib.program(spec)  # the program Sampler runs (per-example seeds)
-    params = jax.device_put(params, sharding.replicated(mesh))
     seeds = jax.device_put(np.arange(batch_size, dtype=np.uint32), sharding.batch_sharding(mesh))
     args = (params, seeds, batch["context"], empty, None, None, None, None)
     return fn, (lambda: args), (lambda compiled: compiled(*args))

@@ -17,6 +17,9 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
   (0, 1) for inpainting, ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist
   when set; on COCO, the VAE (not for ``given_image``, which decodes no image).
 * ``train`` and ``evaluate`` on COCO: ``data.dir`` is set.
+* every mode: ``sharding.mesh_shape`` / ``mesh_axes`` make a mesh of the devices (all of
+  them for ``train``, this process's for ``sample`` and ``evaluate``), and for ``train``
+  the batch splits over its ``data`` × ``fsdp`` axes.
 
 Every refusal is a :class:`PreflightError` naming the flag that fixes it.
 """
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from pdm_jax import checkpointing, specs
+from pdm_jax import checkpointing, sharding, specs
 from pdm_jax.data.coco import dataset as coco_dataset
 from pdm_jax.evaluation import fid
 from pdm_jax.evaluation import run as evaluate
@@ -63,6 +66,7 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     """
     config = specs.as_run_spec(config)
     coco = config.data.source == "coco"
+    _check_mesh(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))
     if coco and mode in ("train", "evaluate") and not config.data.dir:
@@ -83,6 +87,25 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
         if coco and config.eval.task != "given_image":
             _check_vae(config, "Evaluation decodes every sample with it before scoring")
     return config
+
+
+def _check_mesh(config: specs.RunSpec, mode: str) -> None:
+    """The configured mesh fits the devices, and the train batch splits over it."""
+    sh = config.sharding
+    try:
+        if mode == "train":
+            mesh = sharding.create_mesh(sh.mesh_shape, sh.mesh_axes)
+        else:
+            mesh = sharding.local_mesh(sh.mesh_shape, sh.mesh_axes)
+    except ValueError as e:
+        raise PreflightError(str(e)) from e
+    shards = sharding.batch_shards(mesh)
+    if mode == "train" and config.train.batch_size % shards:
+        raise PreflightError(
+            f"train.batch_size={config.train.batch_size} does not split over the mesh's "
+            f"data × fsdp = {shards} batch shards ({dict(mesh.shape)}): set "
+            "--config.train.batch_size to a multiple, or change --config.sharding.mesh_shape."
+        )
 
 
 def _will_resume(config: specs.RunSpec, workdir: str) -> bool:

@@ -204,3 +204,20 @@ def test_the_checkpoint_of_a_step_is_saved_before_its_grid(tmp_path, monkeypatch
         trainer.train_and_evaluate(config, str(tmp_path))
     root = checkpointing.checkpoint_dir(tmp_path)
     assert checkpointing.locate(root) == (root, 2)
+
+
+def test_a_mesh_that_does_not_fit_the_devices_or_the_batch_is_refused(tmp_path):
+    config = _two_stream()
+    config.ckpt.allow_random_frozen_stream = True
+    config.sharding.mesh_shape = (3, 1, 1)  # 8 devices
+    with pytest.raises(preflight.PreflightError, match="needs 3 devices"):
+        preflight.preflight(config, "train", str(tmp_path))
+    config.sharding.mesh_shape = (1, -1, 1)
+    config.train.batch_size = 12  # 8 batch shards
+    with pytest.raises(preflight.PreflightError, match=r"data × fsdp = 8 batch shards"):
+        preflight.preflight(config, "train", str(tmp_path))
+    config.sharding.mesh_shape = (1, -1, 2)  # 4 batch shards
+    preflight.preflight(config, "train", str(tmp_path))
+    config.sharding.mesh_axes = ("data", "model", "tensor")
+    with pytest.raises(preflight.PreflightError, match="mesh_axes"):
+        preflight.preflight(config, "sample", str(tmp_path))

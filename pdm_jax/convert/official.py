@@ -3,7 +3,11 @@
 The Flax modules mirror the official names, so conversion is a table:
 
 * ``a.3.b`` (an ``nn.ModuleList`` index) ↔ ``a_3/b``;
-* ``Linear.weight [out, in]`` ↔ ``Dense.kernel [in, out]`` (transposed);
+* ``Linear.weight [out, in]`` ↔ ``Dense.kernel [in, out]`` (transposed); the attention
+  projections keep their heads as kernel axes: ``attn.qkv.weight [3D, D]`` ↔
+  ``attn/qkv/kernel [D, 3, H, Dh]`` (the official ``(K H D)`` order) and
+  ``attn.proj.weight [D, D]`` ↔ ``attn/proj/kernel [H, Dh, D]``; ``qkv.bias [3D]`` ↔
+  ``[3, H, Dh]``;
 * ``Conv2d.weight [O, I, H, W]`` ↔ ``Conv.kernel [H, W, I, O]``;
 * ``zero_convs.j.conv.weight`` (``Conv1d``, ``[O, I, 1]``) ↔ ``zero_convs_j/conv/kernel [I, O]``;
 * ``LayerNorm.weight`` ↔ ``scale``; biases and ``pos_embed*`` unchanged.
@@ -51,15 +55,28 @@ _KNOWN_KWARGS = {
 }
 
 
-def _kind(leaf: str, ndim: int, module: str) -> str:
-    """How a tensor is laid out: linear | conv1d | conv2d | copy."""
+def _kind(path: tuple[str, ...], ndim: int) -> str:
+    """How a tensor is laid out: linear | conv1d | conv2d | bias | copy.
+
+    Args:
+      path: our parameter path.
+      ndim: rank of our parameter.
+    """
+    leaf = path[-1]
+    if leaf == "bias":
+        return "bias"
     if leaf != "kernel" and leaf != "weight":
         return "copy"
-    if ndim == 4:
-        return "conv2d"
-    if module.startswith("zero_convs_"):
+    if path[0].startswith("zero_convs_"):
         return "conv1d"
-    return "linear" if ndim == 2 else "copy"
+    if ndim == 4 and "attn" not in path:
+        return "conv2d"
+    return "linear"
+
+
+def _linear_in_dims(path: tuple[str, ...]) -> int:
+    """Leading kernel axes that are the ``Linear``'s input (``attn/proj``: heads, head dim)."""
+    return 2 if path[-3:-1] == ("attn", "proj") else 1
 
 
 def official_name_to_path(name: str, ndim: int) -> tuple[str, ...]:
@@ -91,9 +108,13 @@ def path_to_official_name(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _from_official(arr: np.ndarray, kind: str) -> np.ndarray:
+def _from_official(arr: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An official tensor in our layout; ``shape`` is ours (a misfit is left unreshaped)."""
+    fits = arr.size == int(np.prod(shape))
     if kind == "linear" and arr.ndim == 2:
-        return arr.T
+        return arr.T.reshape(shape) if fits else arr.T
+    if kind == "bias" and arr.ndim == 1 and fits:
+        return arr.reshape(shape)
     if kind == "conv1d" and arr.ndim == 3 and arr.shape[2] == 1:
         return arr[:, :, 0].T
     if kind == "conv2d":
@@ -101,9 +122,12 @@ def _from_official(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr
 
 
-def _to_official(arr: np.ndarray, kind: str) -> np.ndarray:
+def _to_official(arr: np.ndarray, kind: str, in_dims: int = 1) -> np.ndarray:
+    """One of our parameters in the official layout (``in_dims``: a kernel's input axes)."""
     if kind == "linear":
-        return arr.T
+        return arr.reshape(int(np.prod(arr.shape[:in_dims])), -1).T
+    if kind == "bias":
+        return arr.reshape(-1)
     if kind == "conv1d":
         return arr.T[:, :, None]
     if kind == "conv2d":
@@ -111,8 +135,10 @@ def _to_official(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr
 
 
-def _official_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    return _to_official(np.empty(shape, np.bool_), kind).shape
+def _official_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The official shape of our parameter ``path`` of ``shape``."""
+    kind = _kind(path, len(shape))
+    return _to_official(np.empty(shape, np.bool_), kind, _linear_in_dims(path)).shape
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -135,10 +161,7 @@ def official_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
       Dict from official tensor name to shape, for every parameter of the model.
     """
     flat = traverse_util.flatten_dict(abstract_params(model_cfg))
-    return {
-        path_to_official_name(p): _official_shape(tuple(v.shape), _kind(p[-1], v.ndim, p[0]))
-        for p, v in flat.items()
-    }
+    return {path_to_official_name(p): _official_shape(p, tuple(v.shape)) for p, v in flat.items()}
 
 
 def _fail(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
@@ -182,7 +205,7 @@ def official_to_params(state_dict: Mapping[str, Any], model_cfg: Any) -> dict[st
             continue
         seen.add(path)
         want = expected[path]
-        converted = _from_official(arr, _kind(path[-1], want.ndim, path[0]))
+        converted = _from_official(arr, _kind(path, want.ndim), tuple(want.shape))
         if converted.shape != tuple(want.shape):
             misshaped.append(
                 f"{name}: official {arr.shape} gives {converted.shape}, "
@@ -225,7 +248,9 @@ def params_to_official(params: Mapping[str, Any], model_cfg: Any) -> dict[str, n
     ]
     _fail(f"The parameters do not fit model {model_cfg.name!r}", missing, unexpected, misshaped)
     return {
-        path_to_official_name(p): _to_official(np.asarray(v), _kind(p[-1], np.ndim(v), p[0]))
+        path_to_official_name(p): _to_official(
+            np.asarray(v), _kind(p, np.ndim(v)), _linear_in_dims(p)
+        )
         for p, v in flat.items()
     }
 

@@ -4,12 +4,15 @@ Everything follows the official PyTorch U-ViT (``libs/uvit_t2i.py``) so that che
 convert by a name table: same submodule names, same initialisers, LayerNorm eps 1e-5,
 exact (erf) GELU, qkv split as ``(3, heads, head_dim)``. Arrays are NHWC / ``[B, L, D]``.
 
-Logical axis names used for sharding annotations (a sharding rule set maps them to mesh
-axes; names without a rule stay unsharded):
+Logical axis names used for sharding annotations (``pdm_jax.sharding.LOGICAL_AXIS_RULES``
+maps them to mesh axes):
 
-* parameters: ``embed`` (model width D), ``mlp`` (MLP hidden), ``qkv`` (fused q/k/v
-  output, 3D), ``heads`` (attention output before ``proj``, D); small dims are ``None``.
-* activations: ``batch``, ``length`` (tokens), ``embed``.
+* parameters: ``embed`` (model width D), ``mlp`` (MLP hidden), ``heads`` (attention
+  heads), ``kv`` (head width), ``conv_in`` / ``conv_out`` (conv kernel channels, kernels
+  ``(None, None, conv_in, conv_out)``); small dims are ``None``. The fused ``qkv`` kernel
+  is ``[D, 3, H, Dh]`` and ``proj``'s is ``[H, Dh, D]``, so both split by heads.
+* activations: ``batch``, ``length`` (tokens), ``embed``, ``heads``/``kv`` inside
+  attention, ``mlp`` inside the MLP.
 """
 
 import math
@@ -27,6 +30,10 @@ Dtype = jnp.dtype | type
 LN_EPS = 1e-5
 MAX_PERIOD = 10_000
 ACT_AXES = ("batch", "length", "embed")
+HEAD_AXES = ("batch", "length", "heads", "kv")
+MLP_AXES = ("batch", "length", "mlp")
+CONV_AXES = (None, None, "conv_in", "conv_out")
+FEATURE_AXES = ("batch", None, None, "conv_out")  # NHWC feature maps
 REMAT_POLICIES = ("none", "full", "dots")
 
 # Official U-ViT: timm trunc_normal_(std=.02) on Linear weights and position embeddings,
@@ -104,6 +111,11 @@ def constrain(x: Array) -> Array:
     return nn.with_logical_constraint(x, ACT_AXES)
 
 
+def constrain_features(x: Array) -> Array:
+    """Logical sharding constraint ``(batch, -, -, conv_out)`` on an NHWC feature map."""
+    return nn.with_logical_constraint(x, FEATURE_AXES)
+
+
 def dense(
     features: int,
     axes: tuple[str | None, str | None],
@@ -159,8 +171,10 @@ def conv3x3(features: int, in_features: int, *, dtype: Dtype, param_dtype: Dtype
         padding=((1, 1), (1, 1)),
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(torch_conv_kernel_init, (None,) * 4),
-        bias_init=nn.with_logical_partitioning(torch_conv_bias_init(9 * in_features), (None,)),
+        kernel_init=nn.with_logical_partitioning(torch_conv_kernel_init, CONV_AXES),
+        bias_init=nn.with_logical_partitioning(
+            torch_conv_bias_init(9 * in_features), CONV_AXES[-1:]
+        ),
         name=name,
     )
 
@@ -190,13 +204,69 @@ class PatchEmbed(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(
-                torch_conv_kernel_init, (None, None, None, "embed")
-            ),
-            bias_init=nn.with_logical_partitioning(torch_conv_bias_init(p * p * c), ("embed",)),
+            kernel_init=nn.with_logical_partitioning(torch_conv_kernel_init, CONV_AXES),
+            bias_init=nn.with_logical_partitioning(torch_conv_bias_init(p * p * c), CONV_AXES[-1:]),
             name="proj",
         )(x)  # [B, H/p, W/p, D]
+        y = constrain_features(y)
         return constrain(y.reshape(b, (h // p) * (w // p), self.embed_dim))
+
+
+class Projection(nn.Module):
+    """A ``Linear`` whose input and output may span several axes (kernel ``in + out``).
+
+    ``[..., *in_shape] -> [..., *features]``: it contracts the last ``num_in`` input axes
+    with the kernel's leading ones. It stores the kernel in its multi-axis shape, so each
+    axis has its own logical name: the fused attention projection ``[D, 3, H, Dh]`` is
+    split by heads. A trunc-normal(.02) kernel equals a flat ``Linear``'s reshaped.
+
+    Attributes:
+      features: output shape.
+      axes: logical names of the kernel's dims (``num_in`` inputs, then the outputs); the
+        bias takes the outputs'.
+      num_in: trailing input axes contracted.
+      use_bias: whether to add a (zero-initialised) bias.
+      kernel_init: kernel initialiser.
+      dtype: computation dtype.
+      param_dtype: storage dtype.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    num_in: int = 1
+    use_bias: bool = True
+    kernel_init: Callable[..., Array] = trunc_normal_init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the projection to ``x [..., *in_shape]``."""
+        n = self.num_in
+        if len(self.axes) != n + len(self.features):
+            raise ValueError(
+                f"Projection axes {self.axes} must name {n} input and "
+                f"{len(self.features)} output dims."
+            )
+        shape = (*x.shape[x.ndim - n :], *self.features)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            shape,
+            self.param_dtype,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n:]),
+                self.features,
+                self.param_dtype,
+            )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y if bias is None else y + bias
 
 
 class Attention(nn.Module):
@@ -211,15 +281,22 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """``[B, L, D] -> [B, L, D]``; ``attention`` picks the kernel (``models.attention``)."""
-        b, length, d = x.shape
+        d = x.shape[-1]
+        h = self.num_heads
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        qkv = dense(3 * d, ("embed", "qkv"), use_bias=self.qkv_bias, name="qkv", **kw)(x)
-        # Official einops 'B L (K H D)': K (q/k/v) outermost, then heads, then head_dim.
-        qkv = qkv.reshape(b, length, 3, self.num_heads, d // self.num_heads)  # [B, L, 3, H, Dh]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+        # Official einops 'B L (K H D)': K (q/k/v) outermost, then heads, then head_dim;
+        # the kernel keeps those axes, [D, 3, H, Dh], so it splits by heads.
+        qkv = Projection(
+            (3, h, d // h),
+            ("embed", None, "heads", "kv"),
+            use_bias=self.qkv_bias,
+            name="qkv",
+            **kw,
+        )(x)  # [B, L, 3, H, Dh]
+        q, k, v = (nn.with_logical_constraint(qkv[:, :, i], HEAD_AXES) for i in range(3))
         y = dot_product_attention(q, k, v, self.attention)  # [B, L, H, Dh]
-        y = y.reshape(b, length, d)
-        return dense(d, ("heads", "embed"), name="proj", **kw)(y)
+        y = nn.with_logical_constraint(y, HEAD_AXES)
+        return Projection((d,), ("heads", "kv", "embed"), num_in=2, name="proj", **kw)(y)
 
 
 class Mlp(nn.Module):
@@ -234,7 +311,7 @@ class Mlp(nn.Module):
         """``[B, L, D] -> [B, L, D]``."""
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", **kw)(x)  # [B, L, hidden]
-        h = nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), MLP_AXES)
         return dense(x.shape[-1], ("mlp", "embed"), name="fc2", **kw)(h)
 
 

@@ -85,7 +85,7 @@ class TwoStreamPDM(nn.Module):
         x = jnp.concatenate([conditioning_tokens(spec, t, context, kw), img], axis=1)
         x = constrain(x + position_embedding(self, "pos_embed", x.shape[1], spec))  # [B, E+L, D]
         m = embed_map(self, spec, m_t, kw)
-        m = m + position_embedding(self, "pos_embed_mask", spec.num_patches, spec)  # [B, L, D]
+        m = constrain(m + position_embedding(self, "pos_embed_mask", spec.num_patches, spec))
         split = x.shape[1]
 
         blk = block_class(spec.remat_policy)
@@ -93,14 +93,14 @@ class TwoStreamPDM(nn.Module):
         stages = _stage_names(spec.depth)
         skips, skips_map = [], []
         for j, (image_name, map_name, has_skip) in enumerate(stages):
-            mx = jnp.concatenate([x, m], axis=1)  # [B, E+2L, D]
+            mx = constrain(jnp.concatenate([x, m], axis=1))  # [B, E+2L, D]
             if has_skip:
                 x = blk(skip=True, name=image_name, **bkw, **kw)(x, skips.pop())
                 mx = blk(skip=True, name=map_name, **bkw, **kw)(mx, skips_map.pop())
             else:
                 x = blk(name=image_name, **bkw, **kw)(x)
                 mx = blk(name=map_name, **bkw, **kw)(mx)
-            x = x + ZeroConv(name=f"zero_convs_{2 * j + 1}", **kw)(mx[:, :split])  # [B, E+L, D]
+            x = constrain(x + ZeroConv(name=f"zero_convs_{2 * j + 1}", **kw)(mx[:, :split]))
             m = mx[:, split:]  # [B, L, D]
             if j < spec.depth // 2:
                 skips.append(x)

@@ -23,6 +23,7 @@ from pdm_jax.models.layers import (
     PatchEmbed,
     block_class,
     constrain,
+    constrain_features,
     conv3x3,
     dense,
     layer_norm,
@@ -232,7 +233,7 @@ def image_head(spec: UViTSpec, tokens: Array, kw: dict) -> Array:
     p, c = spec.patch_size, spec.in_chans
     y = dense(p * p * c, ("embed", None), name="decoder_pred", **kw)(tokens)  # [B, L, p²C]
     y = unpatchify(y, p, c)  # [B, S, S, C]
-    return conv3x3(c, c, name="final_layer", **kw)(y)
+    return constrain_features(conv3x3(c, c, name="final_layer", **kw)(constrain_features(y)))
 
 
 def map_head(spec: UViTSpec, tokens: Array, kw: dict) -> Array:
@@ -248,8 +249,8 @@ def map_head(spec: UViTSpec, tokens: Array, kw: dict) -> Array:
     """
     fp, bits = spec.map_patch, spec.num_bits
     y = dense(fp * fp * bits, ("embed", None), name="decoder_pred_mask", **kw)(tokens)
-    y = unpatchify(y, fp, bits)  # [B, fS, fS, bits]
-    return jnp.tanh(conv3x3(bits, bits, name="final_layer_mask", **kw)(y))
+    y = constrain_features(unpatchify(y, fp, bits))  # [B, fS, fS, bits]
+    return jnp.tanh(constrain_features(conv3x3(bits, bits, name="final_layer_mask", **kw)(y)))
 
 
 class UViT(nn.Module):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from pdm_jax import specs, visualize
+from pdm_jax import sharding, specs, visualize
 from pdm_jax.data import pipeline
 from pdm_jax.data.coco import dataset as coco_dataset
 from pdm_jax.data.schema import DatasetInfo, DataSpec
@@ -70,6 +70,7 @@ def run(config: Any, workdir: str) -> epath.Path:
         run_spec.sampler,
         info,
         params,
+        mesh=sharding.local_mesh(run_spec.sharding.mesh_shape, run_spec.sharding.mesh_axes),
         batch_size=min(s.batch_size, len(captions)),
     )
     samples = sampler(seeds, captions=captions, task=task, **known)

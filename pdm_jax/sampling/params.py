@@ -1,9 +1,31 @@
 """The one parameter loader of sampling and evaluation: a checkpoint's params, checked."""
 
+import functools
 from typing import Any
 
-from pdm_jax import checkpointing, models
+from jax.sharding import Mesh
+
+from pdm_jax import checkpointing, models, sharding
 from pdm_jax.models.spec import ModelSpec
+
+
+@functools.lru_cache(maxsize=16)
+def param_shardings(model: ModelSpec, mesh: Mesh) -> Any:
+    """Where each parameter of ``model`` lives on ``mesh``: its logical axes under the rules.
+
+    Cached per (model, mesh): the sampler places its parameters with it at every swap.
+
+    Args:
+      model: the model spec (its partitioning annotations name each dimension).
+      mesh: the device mesh.
+
+    Returns:
+      Tree like the parameters with ``NamedSharding`` leaves (``sharding.named_shardings``:
+      dimensions their mesh axes do not divide are replicated).
+    """
+    return sharding.named_shardings(
+        models.param_logical_axes(model), models.abstract_params(model), mesh
+    )
 
 
 def load_params(

@@ -3,11 +3,13 @@
 Sample mode, the trainer's sample grids, the demo's figures, evaluation and the benchmark
 all sample through :class:`Sampler`, so the same seed gives the same sample everywhere:
 
-* the parameters are placed on the mesh once (replicated; ``set_params`` swaps them, a
-  no-op when they are already placed so, as the trainer's EMA parameters are);
-* a batch is padded to a multiple of the mesh size and split over its devices; each
-  example is solved independently from ``jax.random.key(seed)``, so a sample depends
-  neither on the batching nor on the number of devices;
+* the parameters are placed on the mesh once, laid out like the train state's (FSDP over
+  ``fsdp``, heads and MLP hidden over ``tensor``: ``param_shardings``; ``set_params``
+  swaps them, a no-op when they are already placed so, as the trainer's EMA parameters
+  are);
+* a batch is padded to a multiple of the mesh's batch shards (``data`` × ``fsdp``) and
+  split over them; each example is solved independently from ``jax.random.key(seed)``,
+  so a sample depends neither on the batching nor on the mesh;
 * compiled programs are cached per :class:`ProgramSpec` (model, diffusion, solver, task,
   category table and mesh: all hashable), so every caller in a process shares them.
 """
@@ -28,6 +30,7 @@ from pdm_jax.diffusion import analog_bits
 from pdm_jax.diffusion.reverse import TASKS, from_data_prediction, sample_pdm, to_data_prediction
 from pdm_jax.diffusion.spec import DiffusionSpec
 from pdm_jax.models.spec import ModelSpec
+from pdm_jax.sampling.params import param_shardings
 from pdm_jax.specs import SamplerSpec
 
 
@@ -157,10 +160,13 @@ def program(spec: ProgramSpec):
 
     batch = sharding.batch_sharding(spec.mesh)
     given = lambda flag: batch if flag else None
-    return jax.jit(
-        jax.vmap(one, in_axes=(None, 0, 0, None, 0, 0, 0, 0)),
+    # The examples (the vmapped axis) are split over data × fsdp; inside, the activation
+    # rules use the other axes only (heads and MLP hidden over tensor).
+    batch_axes = sharding.batch_axes(spec.mesh)
+    jitted = jax.jit(
+        jax.vmap(one, in_axes=(None, 0, 0, None, 0, 0, 0, 0), spmd_axis_name=batch_axes),
         in_shardings=(
-            sharding.replicated(spec.mesh),
+            param_shardings(spec.model, spec.mesh),
             batch,
             batch,
             sharding.replicated(spec.mesh),
@@ -168,6 +174,7 @@ def program(spec: ProgramSpec):
         ),
         out_shardings=sharding.replicated(spec.mesh),
     )
+    return sharding.MeshProgram(jitted, spec.mesh, exclude=batch_axes)
 
 
 class Sampler:
@@ -188,21 +195,23 @@ class Sampler:
         model, diffusion, sampler: the run's specs.
         info: the dataset's codecs (text encoder, latent decoder) and category table.
         params: the parameters to sample with (EMA ones, usually).
-        mesh: devices to sample on, batch split over all of them (default: this process's
-          devices on a ``data`` axis).
-        batch_size: examples per compiled call, rounded up to a multiple of the mesh size
-          (shorter batches are padded).
+        mesh: devices to sample on, batch split over its data × fsdp axes (default: this
+          process's devices on the ``data`` axis; ``sharding.local_mesh`` gives the
+          configured mesh on them).
+        batch_size: examples per compiled call, rounded up to a multiple of the mesh's
+          batch shards (shorter batches are padded).
         """
         self.model, self.diffusion, self.sampler, self.info = model, diffusion, sampler, info
-        self.mesh = mesh or sharding.create_mesh((-1,), (sharding.DATA_AXIS,), jax.local_devices())
-        self.batch_size = -(-int(batch_size) // self.mesh.size) * self.mesh.size
+        self.mesh = mesh or sharding.local_mesh()
+        shards = sharding.batch_shards(self.mesh)
+        self.batch_size = -(-int(batch_size) // shards) * shards
         self.valid_ids = tuple(sorted(int(i) for i in info.category_names))
         self.params = None
         self.set_params(params)
 
     def set_params(self, params: Any) -> None:
-        """Places ``params`` on the mesh (replicated; no copy when already placed so)."""
-        self.params = jax.device_put(params, sharding.replicated(self.mesh))
+        """Places ``params`` on the mesh (``param_shardings``; no copy when already so)."""
+        self.params = jax.device_put(params, param_shardings(self.model, self.mesh))
 
     @property
     def map_side(self) -> int:

@@ -30,7 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from pdm_jax import checkpointing, models, specs
+from pdm_jax import checkpointing, models, sharding, specs
 from pdm_jax.specs import RunSpec
 from pdm_jax.train import state as state_lib
 
@@ -45,7 +45,7 @@ def abstract_train_state(
     abstract = jax.eval_shape(
         lambda r: state_lib.init_train_state(config, r), jax.random.key(config.seed)
     )
-    shardings = state_lib.state_shardings(mesh, abstract)
+    shardings = state_lib.state_shardings(config, mesh, abstract)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -123,6 +123,11 @@ def restore_or_initialize(
         def init(r, p):
             return state_lib.init_train_state(config, r, params_fn(r, p))
 
+        # The loaded tree goes to the devices already split like the parameters it fills
+        # (a U-ViT's entries like the two-stream image stream's), never whole on one.
+        loaded = jax.device_put(
+            loaded, sharding.mirror_shardings(loaded, target.params, shardings.params, mesh)
+        )
         state = jax.jit(init, out_shardings=shardings)(rng, loaded)
         return state, shardings, f"parameters from {where} (ckpt.init_from)"
     check_frozen_image_stream(config, resuming=False)

@@ -1,8 +1,9 @@
 """Train state, optimizer and sharded initialisation.
 
 The state (params, optimizer state, EMA params, step, RNG) is one pytree, born sharded:
-its shapes come from ``jax.eval_shape``, its shardings from ``pdm_jax.sharding``, and the
-initialiser is jitted with those ``out_shardings`` so full weights never sit on one host.
+its shapes come from ``jax.eval_shape``, its shardings from the models' logical axes under
+``pdm_jax.sharding.LOGICAL_AXIS_RULES`` (``state_shardings``), and the initialiser is
+jitted with those ``out_shardings`` so full weights never sit on one device.
 Frozen parameters (the two-stream image stream) are excluded from the optimizer: they get
 ``optax.set_to_zero`` and carry no Adam moments.
 """
@@ -17,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from pdm_jax import models, sharding
+from pdm_jax.sampling.params import param_shardings
 from pdm_jax.specs import RunSpec
 
 
@@ -108,9 +110,26 @@ def init_train_state(
     )
 
 
-def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
-    """Sharding of every state leaf: replicated for now (data parallelism)."""
-    return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+def state_shardings(config: RunSpec, mesh: Mesh, abstract_state: TrainState) -> TrainState:
+    """Sharding of every state leaf, from the model's logical axes.
+
+    Parameters, EMA parameters (the frozen image stream's too) and the Adam moments of
+    each parameter are laid out like that parameter (``param_shardings``: FSDP over
+    ``fsdp``, heads and MLP hidden over ``tensor``); step, RNG and optimizer counts are
+    replicated.
+
+    Args:
+      config: the run's spec (its model).
+      mesh: the device mesh.
+      abstract_state: the state's shapes (``jax.eval_shape`` of an initialiser).
+
+    Returns:
+      A ``TrainState`` of ``NamedSharding``s.
+    """
+    params = models.abstract_params(config.model)
+    return sharding.mirror_shardings(
+        abstract_state, params, param_shardings(config.model, mesh), mesh
+    )
 
 
 def create_train_state(
@@ -133,6 +152,6 @@ def create_train_state(
     """
     init_fn = init_fn or (lambda r: init_train_state(config, r))
     abstract = jax.eval_shape(init_fn, rng)
-    shardings = state_shardings(mesh, abstract)
+    shardings = state_shardings(config, mesh, abstract)
     state = jax.jit(init_fn, out_shardings=shardings)(rng)
     return state, shardings

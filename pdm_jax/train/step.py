@@ -125,7 +125,18 @@ def jit_train_step(
     params: Any,
     empty_context: jax.Array,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """Binds and jits ``train_step`` once: state donated, batch sharded over ``data``."""
+    """Binds and jits ``train_step`` once: state donated, batch over ``data`` × ``fsdp``.
+
+    Args:
+      config: the run's spec.
+      mesh: the device mesh.
+      state_shardings: the state's shardings (``state.state_shardings``), in and out.
+      params: the parameters (for the optimizer's frozen/trainable labels).
+      empty_context: the unconditional text context ``[T, D]``.
+
+    Returns:
+      ``(state, batch) -> (state, metrics)``, a ``sharding.MeshProgram`` (it has ``lower``).
+    """
     step_fn = functools.partial(
         train_step,
         denoise_fn=models.denoise_fn(config.model),
@@ -134,10 +145,13 @@ def jit_train_step(
         empty_context=jnp.asarray(empty_context),
         config=config,
     )
-    return jax.jit(
+    jitted = jax.jit(
         step_fn,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
         compiler_options=compiler_options(config.model, mesh),
     )
+    # Traced inside the mesh and the logical-axis rules: the models' activation
+    # constraints become real sharding constraints.
+    return sharding.MeshProgram(jitted, mesh)

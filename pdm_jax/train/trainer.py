@@ -2,8 +2,8 @@
 
 ``train_and_evaluate(config, workdir)`` wires the pieces together:
 
-* a mesh with a ``data`` axis over all devices, the state born sharded on it (or restored,
-  in the order of ``pdm_jax.checkpointing``);
+* the ``sharding.mesh_shape`` mesh (data × fsdp × tensor), the state born sharded on it by
+  the logical-axis rules (or restored, in the order of ``pdm_jax.train.init``);
 * the grain loader of ``pdm_jax.data.pipeline``; each host batch becomes a global array;
 * ``jit_train_step`` (state donated, compiled once);
 * every ``log_every_steps``: mean image/map/total loss, grad norm, learning rate and

@@ -97,9 +97,17 @@ def test_round_trip_is_exact(name):
 def test_layout_conventions():
     kwargs, sd, _ = _fixture("two_stream")
     params = official.official_to_params(sd, official.model_config_from_official_kwargs(kwargs))
-    np.testing.assert_array_equal(
-        params["in_blocks_1"]["attn"]["qkv"]["kernel"], sd["in_blocks.1.attn.qkv.weight"].T
-    )
+    # qkv: [3D, D] (out = (K H Dh), in) -> [D, 3, H, Dh]; proj: [D, D] -> [H, Dh, D].
+    qkv = params["in_blocks_1"]["attn"]["qkv"]["kernel"]
+    d, heads = kwargs["embed_dim"], kwargs["num_heads"]
+    assert qkv.shape == (d, 3, heads, d // heads)
+    weight = sd["in_blocks.1.attn.qkv.weight"]  # [3D, D]
+    for k, h, j in ((0, 0, 0), (1, heads - 1, 2), (2, 1, d // heads - 1)):
+        row = k * d + h * (d // heads) + j
+        np.testing.assert_array_equal(qkv[:, k, h, j], weight[row])
+    proj = params["in_blocks_1"]["attn"]["proj"]["kernel"]
+    np.testing.assert_array_equal(proj.reshape(d, d), sd["in_blocks.1.attn.proj.weight"].T)
+    assert proj.shape == (heads, d // heads, d)
     np.testing.assert_array_equal(
         params["patch_embed"]["proj"]["kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)
     )

@@ -79,13 +79,13 @@ def _np_block(x, p, heads, skip=None):
         x = np.concatenate([x, skip], -1) @ p["skip_linear"]["kernel"] + p["skip_linear"]["bias"]
     b, length, d = x.shape
     dh = d // heads
-    qkv = _np_layer_norm(x, p["norm1"]) @ p["attn"]["qkv"]["kernel"]
+    qkv = _np_layer_norm(x, p["norm1"]) @ p["attn"]["qkv"]["kernel"].reshape(d, 3 * d)
     qkv = qkv.reshape(b, length, 3, heads, dh).transpose(2, 0, 3, 1, 4)  # K B H L D
     logits = qkv[0] @ qkv[1].swapaxes(-1, -2) / math.sqrt(dh)
     attn = np.exp(logits - logits.max(-1, keepdims=True))
     attn /= attn.sum(-1, keepdims=True)
     y = (attn @ qkv[2]).transpose(0, 2, 1, 3).reshape(b, length, d)
-    x = x + y @ p["attn"]["proj"]["kernel"] + p["attn"]["proj"]["bias"]
+    x = x + y @ p["attn"]["proj"]["kernel"].reshape(d, d) + p["attn"]["proj"]["bias"]
     h = _np_layer_norm(x, p["norm2"]) @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
     h = 0.5 * h * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))  # exact GELU
     return x + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
@@ -168,8 +168,8 @@ def test_logical_partitioning_annotations():
     x = jnp.zeros((1, 4, 8))
     boxed = layers.Block(num_heads=2, skip=True).init(jax.random.key(0), x, x)["params"]
     specs = nn.get_partition_spec(boxed)
-    assert tuple(specs["attn"]["qkv"]["kernel"]) == ("embed", "qkv")
-    assert tuple(specs["attn"]["proj"]["kernel"]) == ("heads", "embed")
+    assert tuple(specs["attn"]["qkv"]["kernel"]) == ("embed", None, "heads", "kv")
+    assert tuple(specs["attn"]["proj"]["kernel"]) == ("heads", "kv", "embed")
     assert tuple(specs["mlp"]["fc1"]["kernel"]) == ("embed", "mlp")
     assert tuple(specs["mlp"]["fc2"]["kernel"]) == ("mlp", "embed")
     assert tuple(specs["norm2"]["scale"]) == ("embed",)

@@ -130,6 +130,8 @@ def test_param_logical_axes_cover_every_parameter():
     for path, spec in axes.items():
         assert isinstance(spec, jax.sharding.PartitionSpec)
         assert len(spec) == shapes[path].ndim, path
-    assert tuple(axes[("in_blocks_0", "attn", "qkv", "kernel")]) == ("embed", "qkv")
+    assert tuple(axes[("in_blocks_0", "attn", "qkv", "kernel")]) == ("embed", None, "heads", "kv")
+    assert tuple(axes[("in_blocks_0", "attn", "proj", "kernel")]) == ("heads", "kv", "embed")
     assert tuple(axes[("pos_embed",)]) == (None, None, "embed")
-    assert tuple(axes[("patch_embed", "proj", "kernel")]) == (None, None, None, "embed")
+    assert tuple(axes[("patch_embed", "proj", "kernel")]) == (None, None, "conv_in", "conv_out")
+    assert tuple(axes[("final_layer", "kernel")]) == (None, None, "conv_in", "conv_out")

@@ -106,3 +106,22 @@ def test_one_compiled_program_per_spec():
     ids = np.full((1, sampler.map_side, sampler.map_side), sorted(info.category_names)[1])
     out = sampler([0], contexts=ref, task="given_map", known_maps=ids)
     np.testing.assert_array_equal(out.maps, ids)
+
+
+def test_samples_on_a_data_fsdp_mesh_equal_one_device():
+    # (data 4, fsdp 2): parameters split over fsdp (resident, not replicated), examples
+    # over data × fsdp; the one-device program is the one the test above compiled.
+    mesh = sharding.create_mesh((4, 2, 1), sharding.MESH_AXES, jax.devices())
+    one = sharding.create_mesh((1,), (sharding.DATA_AXIS,), jax.devices()[:1])
+    sharded, info = _tiny_sampler(mesh, batch_size=5)
+    single, _ = _tiny_sampler(one, batch_size=2, params=jax.device_get(sharded.params))
+    assert sharded.batch_size == 8
+    qkv = sharded.params["in_blocks_0"]["attn"]["qkv"]["kernel"]  # [D, 3, H, Dh]
+    assert tuple(qkv.sharding.spec) == ("fsdp",) and qkv.sharding.mesh == mesh
+    assert qkv.addressable_shards[0].data.shape == (qkv.shape[0] // 2, *qkv.shape[1:])
+    captions = list(info.eval_prompts)[:5]
+    seeds = [3, 1, 4, 1, 5]
+    a = sharded(seeds, captions=captions, task="cogenerate")
+    b = single(seeds, captions=captions, task="cogenerate")
+    np.testing.assert_allclose(a.latents, b.latents, atol=1e-4)
+    np.testing.assert_array_equal(a.maps, b.maps)

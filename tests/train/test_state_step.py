@@ -15,6 +15,7 @@ from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits, losses
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
+from tests.train import meshes
 
 
 def _config(arg="demo,tiny=1"):
@@ -220,3 +221,53 @@ def test_learning_rate_schedules():
     c.optim.decay = "linear"
     with pytest.raises(ValueError, match=r"optim\.decay"):
         state_lib.learning_rate_schedule(specs.from_config(c))
+
+
+# Sharded training: one step on every (data, fsdp, tensor) mesh (tests/train/meshes.py).
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["one_stream", "two_stream"])
+def test_one_step_is_the_same_on_every_mesh(name):
+    _, ref = meshes.first_step(name, meshes.MESHES[0])
+    ref_params = jax.device_get(meshes.first_step(name, meshes.MESHES[0])[0].params)
+    for shape in meshes.MESHES[1:]:
+        state, metrics = meshes.first_step(name, shape)
+        for key in ("loss", "image_loss", "map_loss", "grad_norm"):
+            np.testing.assert_allclose(metrics[key], ref[key], rtol=2e-5, err_msg=f"{shape} {key}")
+        # The meshes sum the same gradients in other orders (float32 rounding, ~1e-7
+        # relative). Adam's first step is ±lr·g/(|g| + eps) per element (lr = 1e-3), so a
+        # rounding difference in a near-zero gradient moves that element by up to ~1e-6;
+        # 5e-6 is 0.5% of one step, far below a sharding bug (a whole step, 1e-3).
+        chex.assert_trees_all_close(jax.device_get(state.params), ref_params, rtol=1e-5, atol=5e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_splits_the_state_and_tensor_parallelism_splits_heads_and_hidden():
+    name = "one_stream"
+    replicated = meshes.bytes_per_device(meshes.initial(name))  # the whole state, 1 device
+    fsdp_state, _ = meshes.first_step(name, (1, 8, 1))
+    # Width 32, MLP 128, 2 heads of 16: every large tensor divides by 8; what stays whole
+    # (final 3×3 convs of 4 and 8 channels, the step, the RNG) is ~1% of the state.
+    assert meshes.bytes_per_device(fsdp_state) <= replicated / 6
+    state, _ = meshes.first_step(name, (1, 4, 2))
+    flat = traverse_util.flatten_dict(state.params, sep="/")
+    mu = {
+        "/".join(sharding.trailing_dict_keys(path)): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+        if any(getattr(k, "name", None) == "mu" for k in path)
+    }
+    want = {
+        "attn/qkv/kernel": ("fsdp", None, "tensor"),  # [D, 3, H, Dh]: heads over tensor
+        "attn/proj/kernel": ("tensor", None, "fsdp"),  # [H, Dh, D]
+        "mlp/fc1/kernel": ("fsdp", "tensor"),  # [D, hidden]: hidden over tensor
+        "mlp/fc2/kernel": ("tensor", "fsdp"),  # [hidden, D]
+    }
+    for block in ("in_blocks_0", "mid_block", "out_blocks_0"):
+        for leaf, spec in want.items():
+            key = f"{block}/{leaf}"
+            assert tuple(flat[key].sharding.spec) == spec, (key, flat[key].sharding.spec)
+            assert flat[key].sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
+            assert mu[key].sharding == flat[key].sharding, key  # Adam moments alike
+    ema = traverse_util.flatten_dict(state.ema_params, sep="/")
+    assert ema["mid_block/attn/qkv/kernel"].sharding == flat["mid_block/attn/qkv/kernel"].sharding
