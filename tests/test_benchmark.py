@@ -29,7 +29,8 @@ def test_total_flops_of_a_sharded_matmul(num_devices):
     w = jax.device_put(jnp.ones((256, 256)), sharding.replicated(mesh))
     x = jax.device_put(jnp.ones((64, 256)), sharding.batch_sharding(mesh))
     compiled = jax.jit(lambda w, x: x @ w).lower(w, x).compile()
-    assert benchmark._total_flops(compiled) == (2 * 64 * 256 * 256, num_devices)
+    flops, devices = benchmark._flops_per_device(compiled)
+    assert (flops * devices, devices) == (2 * 64 * 256 * 256, num_devices)
 
 
 def test_flops_per_item_does_not_depend_on_the_device_count():
