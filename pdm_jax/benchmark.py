@@ -25,8 +25,9 @@ Its record: ``state_bytes_per_device``, ``temp_bytes_per_device`` /
 ``argument_bytes_per_device`` / ``output_bytes_per_device`` / ``alias_bytes_per_device``
 (XLA's memory analysis of the compiled program), ``peak_bytes_per_device`` (arguments +
 outputs − donated aliases + temporaries), ``flops_per_device`` and ``collectives`` (counts
-of each collective op in the compiled HLO). The state is abstract (shapes and shardings),
-so planning a 256-chip model allocates nothing. XLA:CPU's buffer assignment and fusion
+of each collective op in the compiled HLO); ``--nocompile`` gives the state alone, in
+seconds. The state is abstract (shapes and shardings), so planning a 256-chip model
+allocates nothing. XLA:CPU's buffer assignment and fusion
 differ from a TPU's or GPU's: temporaries are an estimate, the state exact.
 """
 
@@ -269,7 +270,10 @@ def run_benchmark(
 
 
 def plan(
-    config: Any, batch_size: int, devices: Sequence[jax.Device] | None = None
+    config: Any,
+    batch_size: int,
+    devices: Sequence[jax.Device] | None = None,
+    compile_step: bool = True,
 ) -> dict[str, Any]:
     """Compiles, without running, the train step on the configured mesh of ``devices``.
 
@@ -281,6 +285,8 @@ def plan(
         ``mesh_axes``).
       batch_size: the global batch.
       devices: the mesh's devices (default: all).
+      compile_step: False: only the state's layout (``state_bytes_per_device``), in
+        seconds; the compiled program's fields are left out.
 
     Returns:
       The plan record (see the module docstring).
@@ -294,18 +300,6 @@ def plan(
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {
-        name: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_sharding)
-        for name, b in batch_shapes(config, batch_size).items()
-    }
-    empty = np.zeros((config.model.num_clip_token, config.model.clip_dim), np.float32)
-    fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
-    t0 = time.perf_counter()
-    compiled = fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    flops, num_devices = _flops_per_device(compiled)
-    memory = compiled.memory_analysis()
     m = config.model
     record = {
         "what": "plan",
@@ -315,23 +309,38 @@ def plan(
         "num_params": models.count_params(state.params),
         "dtype": m.dtype,
         "batch_size": batch_size,
-        "devices": num_devices,
+        "devices": mesh.size,
         "mesh_shape": dict(mesh.shape),
         "state_bytes_per_device": state_bytes_per_device(state),
-        "temp_bytes_per_device": int(memory.temp_size_in_bytes),
-        "argument_bytes_per_device": int(memory.argument_size_in_bytes),
-        "output_bytes_per_device": int(memory.output_size_in_bytes),
-        "alias_bytes_per_device": int(memory.alias_size_in_bytes),
-        "peak_bytes_per_device": int(
+    }
+    if not compile_step:
+        return record
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        name: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_sharding)
+        for name, b in batch_shapes(config, batch_size).items()
+    }
+    empty = np.zeros((m.num_clip_token, m.clip_dim), np.float32)
+    fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    record.update(
+        temp_bytes_per_device=int(memory.temp_size_in_bytes),
+        argument_bytes_per_device=int(memory.argument_size_in_bytes),
+        output_bytes_per_device=int(memory.output_size_in_bytes),
+        alias_bytes_per_device=int(memory.alias_size_in_bytes),
+        peak_bytes_per_device=int(
             memory.argument_size_in_bytes
             + memory.output_size_in_bytes
             - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes
         ),
-        "flops_per_device": flops,
-        "collectives": count_collectives(compiled.as_text()),
-        "compile_s": compile_s,
-    }
+        flops_per_device=_flops_per_device(compiled)[0],
+        collectives=count_collectives(compiled.as_text()),
+        compile_s=compile_s,
+    )
     return record
 
 
@@ -380,6 +389,11 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
         "steps": flags.DEFINE_integer(
             "steps", None, "Sampler steps (default: config.sampler.steps)."
         ),
+        "compile": flags.DEFINE_boolean(
+            "compile",
+            True,
+            "plan only: --nocompile reports the state's layout alone (seconds, not minutes).",
+        ),
         "repeats": flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up."),
         "warmup": flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation."),
     }
@@ -389,14 +403,14 @@ def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
     """Runs the benchmark (or the plan) the flags describe and prints its JSON record."""
     del argv
     values = {name: holder.value for name, holder in defined.items()}
-    num_devices = values.pop("devices")
+    num_devices, compile_step = values.pop("devices"), values.pop("compile")
     if values["what"] == "plan":
         if num_devices is not None:
             use_fake_cpu_devices(num_devices)
-        record = plan(values["config"], values["batch_size"])
+        record = plan(values["config"], values["batch_size"], compile_step=compile_step)
     else:
-        if num_devices is not None:
-            raise app.UsageError("--devices is for --what=plan only (it compiles, never runs).")
+        if num_devices is not None or not compile_step:
+            raise app.UsageError("--devices and --nocompile are for --what=plan only.")
         sharding.setup_cpu_devices(values["config"], values["batch_size"])
         record = run_benchmark(**values)
     print(json.dumps(record))
