@@ -358,8 +358,8 @@ def use_fake_cpu_devices(count: int) -> None:
         raise ValueError(f"--devices={count}: give a positive device count.")
     try:
         # JAX refuses both once its backends exist (there is no public query for that).
-        jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", count)
+        jax.config.update("jax_platforms", "cpu")
     except RuntimeError as e:
         raise RuntimeError(
             f"Cannot create {count} fake CPU devices: JAX's backends are already initialised. "
