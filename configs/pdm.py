@@ -10,14 +10,30 @@ Variants (the part after ``:``), each optionally followed by ``,key=value`` opti
 * ``two_stream``  two-stream PDM at U-ViT-S size; the image stream is initialised from
                   ``ckpt.init_from`` (a U-ViT checkpoint) and frozen.
 
-Options in the arg: ``map_patch_factor=4``, ``tiny=1`` (width 32, depth 2, 8×8 latent:
-for tests), ``given_map=1`` (the paper's "PDM given maps"). Any field can still be set
-with ``--config.a.b=value``.
+Options in the arg: ``size=S|S-Deep|M|L|H`` (U-ViT's published sizes, for each stream;
+default S, the paper's), ``map_patch_factor=4``, ``tiny=1`` (width 32, depth 2, 8×8
+latent: for tests; not with ``size``), ``given_map=1`` (the paper's "PDM given maps").
+Any field can still be set with ``--config.a.b=value``.
 """
 
 import ml_collections
 
 VARIANTS = ("demo", "uvit", "one_stream", "two_stream")
+
+# U-ViT's sizes (Bao et al., "All are Worth Words", CVPR 2023, Table 1: S 13 blocks ×
+# 512 wide, 8 heads, 44M; S-Deep 17 × 512, 58M; M 17 × 768, 12 heads, 131M; L 21 × 1024,
+# 16 heads, 287M; H 29 × 1152, 16 heads, 501M; MLP 4× wide). ``depth`` counts the blocks
+# minus the middle one, as the official configs do: baofff/U-ViT configs/mscoco_uvit.py
+# (S: 512/12/8), imagenet64_uvit_mid.py (M: 768/16/12), imagenet512_uvit_large.py
+# (L: 1024/20/16), imagenet256_uvit_huge.py (H: 1152/28/16); S-Deep is the paper's
+# U-ViT-S/2 (Deep) of its MS-COCO table (depth 16).
+SIZES = {
+    "S": {"embed_dim": 512, "depth": 12, "num_heads": 8},
+    "S-Deep": {"embed_dim": 512, "depth": 16, "num_heads": 8},
+    "M": {"embed_dim": 768, "depth": 16, "num_heads": 12},
+    "L": {"embed_dim": 1024, "depth": 20, "num_heads": 16},
+    "H": {"embed_dim": 1152, "depth": 28, "num_heads": 16},
+}
 
 
 def _parse_arg(arg: str) -> tuple[str, dict[str, str]]:
@@ -60,7 +76,8 @@ def _base_config() -> ml_collections.ConfigDict:
     # Blocks recompute attention and elementwise ops in the backward pass, keep the linear
     # layers' outputs: the two-stream step at batch 8 needs 5.1 instead of 8.3 GB, no slower.
     m.remat_policy = "dots"  # none | full | dots
-    m.attention = "auto"  # auto (chunked on CPU, xla elsewhere) | xla | cudnn | chunked
+    # auto (CPU: chunked; TPU: xla; GPU: cudnn in bf16/fp16, else xla) | xla | cudnn | chunked
+    m.attention = "auto"
 
     c.diffusion = d = ml_collections.ConfigDict()
     d.beta_start = 0.00085
@@ -187,8 +204,19 @@ def _base_config() -> ml_collections.ConfigDict:
 
 
 def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> None:
+    if "size" in options and options.get("tiny", "0") not in ("0", "false", "False"):
+        raise ValueError(
+            "Config options size and tiny=1 both set the model's width and depth: give one."
+        )
     for key, value in options.items():
-        if key == "map_patch_factor":
+        if key == "size":
+            if value not in SIZES:
+                raise ValueError(
+                    f"Unknown config option size={value!r}; choose one of {list(SIZES)} "
+                    "(U-ViT's sizes), e.g. configs/pdm.py:two_stream,size=L."
+                )
+            c.model.update(SIZES[value])
+        elif key == "map_patch_factor":
             c.model.map_patch_factor = int(value)
         elif key == "tiny":
             if value not in ("0", "false", "False"):
@@ -197,7 +225,7 @@ def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> Non
             c.model.use_given_map = value not in ("0", "false", "False")
         else:
             raise ValueError(
-                f"Unknown config option {key!r}; known: map_patch_factor, tiny, given_map."
+                f"Unknown config option {key!r}; known: size, map_patch_factor, tiny, given_map."
             )
 
 

@@ -3,19 +3,38 @@ r"""python -m pdm_jax.benchmark --config=configs/pdm.py:two_stream --what=train_
 Times one jitted program of the configured model after a warm-up and prints one JSON
 line last: ``median_s``, ``min_s``, ``items_per_s``, ``device``, ``peak_memory_bytes``
 (device allocator peak where the backend reports one, else the process's peak RSS),
-``flops_per_item`` (XLA cost analysis, which counts a loop body once: the chunked CPU
-attention's ``lax.map`` is undercounted; summed over the devices, so work every device
-repeats, such as ``train_step``'s update of replicated parameters, counts once per device)
-and ``mfu`` when the device's peak is known.
+``flops_per_device`` (XLA's cost analysis of the SPMD program, which is one device's
+share; it counts a loop body once: the chunked CPU attention's ``lax.map`` is
+undercounted), ``flops_per_item`` (summed over the devices, so work every device repeats,
+such as the update of replicated parameters, counts once per device), ``mfu`` (per-device
+FLOPs / time / the device's peak, where the peak is known) and ``state_bytes_per_device``
+(what one device holds of the program's resident state: the train state for
+``train_step``, the parameters for ``denoise`` and ``sample``).
 
 ``--what``: ``train_step`` (a full AdamW step; the two-stream image stream frozen),
 ``denoise`` (one network call, no CFG), ``sample`` (the whole DPM-Solver++ sampler with CFG,
-``--steps`` steps).
+``--steps`` steps), or ``plan``: compile, without running, the train step for
+``--devices`` fake CPU devices on the configured mesh and report what one device would
+hold::
+
+    python -m pdm_jax.benchmark --what=plan --devices=64 --batch_size=512 \\
+        --config=configs/pdm.py:two_stream,size=L --config.sharding.mesh_shape=1,16,4 \\
+        --config.sharding.mesh_axes=data,fsdp,tensor
+
+Its record: ``state_bytes_per_device``, ``temp_bytes_per_device`` /
+``argument_bytes_per_device`` / ``output_bytes_per_device`` / ``alias_bytes_per_device``
+(XLA's memory analysis of the compiled program), ``peak_bytes_per_device`` (arguments +
+outputs − donated aliases + temporaries), ``flops_per_device`` and ``collectives`` (counts
+of each collective op in the compiled HLO); ``--nocompile`` gives the state alone, in
+seconds. The state is abstract (shapes and shardings), so planning a 256-chip model
+allocates nothing. XLA:CPU's buffer assignment and fusion
+differ from a TPU's or GPU's: temporaries are an estimate, the state exact.
 """
 
 import dataclasses
 import functools
 import json
+import re
 import resource
 import statistics
 import time
@@ -46,23 +65,77 @@ _PEAK_FLOPS = {
 }
 
 
+# Collective ops as XLA's HLO text names them (asynchronous ones add ``-start``/``-done``).
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE_OP = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+def batch_shapes(config: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a training batch (the common schema) for the configured model."""
+    m = config.model
+    shapes = {
+        "latent": jax.ShapeDtypeStruct(
+            (batch_size, m.img_size, m.img_size, m.in_chans), np.float32
+        ),
+        "context": jax.ShapeDtypeStruct((batch_size, m.num_clip_token, m.clip_dim), np.float32),
+    }
+    if m.name != "uvit":
+        side = m.img_size * m.map_patch_factor
+        shapes["map"] = jax.ShapeDtypeStruct((batch_size, side, side), np.int32)
+    return shapes
+
+
 def synthetic_batch(
     config: Any, batch_size: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """A random batch in the training schema for the configured model."""
-    m = config.model
-    batch = {
-        "latent": rng.standard_normal((batch_size, m.img_size, m.img_size, m.in_chans)).astype(
-            np.float32
-        ),
-        "context": rng.standard_normal((batch_size, m.num_clip_token, m.clip_dim)).astype(
-            np.float32
-        ),
-    }
-    if m.name != "uvit":
-        side = m.img_size * m.map_patch_factor
-        batch["map"] = rng.integers(0, 201, (batch_size, side, side)).astype(np.int32)
+    batch = {}
+    for name, shape in batch_shapes(config, batch_size).items():
+        if name == "map":
+            batch[name] = rng.integers(0, 201, shape.shape).astype(shape.dtype)
+        else:
+            batch[name] = rng.standard_normal(shape.shape).astype(shape.dtype)
     return batch
+
+
+def state_bytes_per_device(tree: Any) -> int:
+    """Bytes of a sharded pytree that one device holds.
+
+    Sums, over the leaves, the size of one shard (``sharding.shard_shape``: the addressable
+    shard of device 0 for the even shardings used here). Works on arrays and on abstract
+    ``jax.ShapeDtypeStruct`` leaves carrying a sharding, so nothing needs to be allocated.
+
+    Args:
+      tree: arrays or ``ShapeDtypeStruct``s with shardings (e.g. a ``TrainState``).
+
+    Returns:
+      The bytes per device.
+
+    Raises:
+      ValueError: for a leaf without a sharding.
+    """
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if getattr(leaf, "sharding", None) is None:
+            raise ValueError(f"A {leaf.dtype}{list(leaf.shape)} leaf has no sharding.")
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard, dtype=np.int64)) * leaf.dtype.itemsize
+    return total
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """How many times each collective op occurs in a compiled module's HLO text.
+
+    Args:
+      hlo_text: ``compiled.as_text()``.
+
+    Returns:
+      ``{op: count}`` for every op of ``COLLECTIVES`` (asynchronous starts count as one).
+    """
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    for match in _COLLECTIVE_OP.finditer(hlo_text):
+        counts[match.group(1)] += 1
+    return counts
 
 
 def _program(
@@ -124,13 +197,13 @@ def _peak_memory(device: jax.Device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
 
 
-def _total_flops(compiled: jax.stages.Compiled) -> tuple[float | None, int]:
-    """XLA's FLOP count of a compiled program over all its devices, and their number.
+def _flops_per_device(compiled: jax.stages.Compiled) -> tuple[float | None, int]:
+    """XLA's FLOP count of one device's share of a compiled program, and the device count.
 
     ``cost_analysis()`` describes the one SPMD-partitioned module each device runs: its
     FLOPs are per device (measured on CPU: ``x @ w`` with ``x[64, 256]`` sharded by rows
-    reports 8.4 MFLOP on 1 device, 4.2 on 2, 1.05 on 8), so the total is that × the device
-    count. The devices are those of the program's input and output shardings.
+    reports 8.4 MFLOP on 1 device, 4.2 on 2, 1.05 on 8). The devices are those of the
+    program's input and output shardings.
     """
     shardings = jax.tree.leaves((compiled.input_shardings, compiled.output_shardings))
     num_devices = len({d for s in shardings for d in s.device_set}) or 1
@@ -140,7 +213,7 @@ def _total_flops(compiled: jax.stages.Compiled) -> tuple[float | None, int]:
         flops = float(cost.get("flops", 0.0)) or None
     except Exception:  # cost analysis is best-effort: some backends do not report it
         flops = None
-    return (flops * num_devices if flops else None), num_devices
+    return flops, num_devices
 
 
 def run_benchmark(
@@ -159,11 +232,12 @@ def run_benchmark(
     """
     config = specs.as_run_spec(config)
     fn, args_fn, run = _program(config, what, batch_size, steps, devices)
+    state_bytes = state_bytes_per_device(args_fn()[0])  # before the step donates it
     t0 = time.perf_counter()
     compiled = fn.lower(*args_fn()).compile()
     jax.block_until_ready(run(compiled))
     compile_s = time.perf_counter() - t0
-    flops, num_devices = _total_flops(compiled)
+    flops, num_devices = _flops_per_device(compiled)
     for _ in range(warmup):
         jax.block_until_ready(run(compiled))
     times = []
@@ -186,12 +260,113 @@ def run_benchmark(
         "device": f"{device.platform}:{device.device_kind} x{num_devices}",
         "peak_memory_bytes": peak,
         "peak_memory_source": peak_source,
-        "flops_per_item": flops / batch_size if flops else None,
+        "flops_per_device": flops,
+        "flops_per_item": flops * num_devices / batch_size if flops else None,
+        "state_bytes_per_device": state_bytes,
     }
     peak_flops = next((v for k, v in _PEAK_FLOPS.items() if k in device.device_kind), None)
     if flops and peak_flops:
-        record["mfu"] = flops / median / (peak_flops * num_devices)
+        record["mfu"] = flops / median / peak_flops
     return record
+
+
+def plan(
+    config: Any,
+    batch_size: int,
+    devices: Sequence[jax.Device] | None = None,
+    compile_step: bool = True,
+) -> dict[str, Any]:
+    """Compiles, without running, the train step on the configured mesh of ``devices``.
+
+    The train state is abstract (``jax.eval_shape`` shapes with their shardings): nothing
+    of the model is allocated, so the plan for a model too large for this host works.
+
+    Args:
+      config: the full config (``model``, ``optim``, ``sharding.mesh_shape`` and
+        ``mesh_axes``).
+      batch_size: the global batch.
+      devices: the mesh's devices (default: all).
+      compile_step: False: only the state's layout (``state_bytes_per_device``), in
+        seconds; the compiled program's fields are left out.
+
+    Returns:
+      The plan record (see the module docstring).
+    """
+    config = specs.as_run_spec(config)
+    mesh = sharding.create_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes, devices)
+    rng = jax.random.key(config.seed)
+    # The shapes and shardings ``state.create_train_state`` gives the state it allocates.
+    abstract = jax.eval_shape(lambda r: state_lib.init_train_state(config, r), rng)
+    shardings = state_lib.state_shardings(config, mesh, abstract)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    m = config.model
+    record = {
+        "what": "plan",
+        "model": m.name,
+        "embed_dim": m.embed_dim,
+        "depth": m.depth,
+        "num_params": models.count_params(state.params),
+        "dtype": m.dtype,
+        "batch_size": batch_size,
+        "devices": mesh.size,
+        "mesh_shape": dict(mesh.shape),
+        "state_bytes_per_device": state_bytes_per_device(state),
+    }
+    if not compile_step:
+        return record
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {
+        name: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_sharding)
+        for name, b in batch_shapes(config, batch_size).items()
+    }
+    empty = np.zeros((m.num_clip_token, m.clip_dim), np.float32)
+    fn = step_lib.jit_train_step(config, mesh, shardings, state.params, empty)
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    record.update(
+        temp_bytes_per_device=int(memory.temp_size_in_bytes),
+        argument_bytes_per_device=int(memory.argument_size_in_bytes),
+        output_bytes_per_device=int(memory.output_size_in_bytes),
+        alias_bytes_per_device=int(memory.alias_size_in_bytes),
+        peak_bytes_per_device=int(
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes
+        ),
+        flops_per_device=_flops_per_device(compiled)[0],
+        collectives=count_collectives(compiled.as_text()),
+        compile_s=compile_s,
+    )
+    return record
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Makes JAX run on ``count`` CPU devices (for ``plan``), before its backends exist.
+
+    Args:
+      count: the device count (≥ 1).
+
+    Raises:
+      ValueError: for a count below 1.
+      RuntimeError: when JAX's backends were already initialised (call it first thing).
+    """
+    if count < 1:
+        raise ValueError(f"--devices={count}: give a positive device count.")
+    try:
+        # JAX refuses both once its backends exist (there is no public query for that).
+        jax.config.update("jax_num_cpu_devices", count)
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"Cannot create {count} fake CPU devices: JAX's backends are already initialised. "
+            "Call use_fake_cpu_devices before anything touches a JAX device (run "
+            "python -m pdm_jax.benchmark --what=plan in a fresh process)."
+        ) from e
 
 
 def _define_flags() -> dict[str, flags.FlagHolder]:
@@ -201,11 +376,24 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
     return {
         "config": config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True),
         "what": flags.DEFINE_enum(
-            "what", "train_step", ["train_step", "denoise", "sample"], "What to time."
+            "what",
+            "train_step",
+            ["train_step", "denoise", "sample", "plan"],
+            "What to time, or plan: compile the train step without running it.",
+        ),
+        "devices": flags.DEFINE_integer(
+            "devices",
+            None,
+            "plan only: compile for this many fake CPU devices (default: the devices JAX sees).",
         ),
         "batch_size": flags.DEFINE_integer("batch_size", 8, "Global batch size."),
         "steps": flags.DEFINE_integer(
             "steps", None, "Sampler steps (default: config.sampler.steps)."
+        ),
+        "compile": flags.DEFINE_boolean(
+            "compile",
+            True,
+            "plan only: --nocompile reports the state's layout alone (seconds, not minutes).",
         ),
         "repeats": flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up."),
         "warmup": flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation."),
@@ -213,10 +401,19 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
 
 
 def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
-    """Runs the benchmark the flags describe and prints its JSON record."""
+    """Runs the benchmark (or the plan) the flags describe and prints its JSON record."""
     del argv
-    sharding.setup_cpu_devices(defined["config"].value, defined["batch_size"].value)
-    record = run_benchmark(**{name: holder.value for name, holder in defined.items()})
+    values = {name: holder.value for name, holder in defined.items()}
+    num_devices, compile_step = values.pop("devices"), values.pop("compile")
+    if values["what"] == "plan":
+        if num_devices is not None:
+            use_fake_cpu_devices(num_devices)
+        record = plan(values["config"], values["batch_size"], compile_step=compile_step)
+    else:
+        if num_devices is not None or not compile_step:
+            raise app.UsageError("--devices and --nocompile are for --what=plan only.")
+        sharding.setup_cpu_devices(values["config"], values["batch_size"])
+        record = run_benchmark(**values)
     print(json.dumps(record))
 
 

@@ -1,11 +1,18 @@
 """Tests of ``pdm_jax.benchmark`` on the tiny demo model (CPU)."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import pdm as pdm_configs
-from pdm_jax import benchmark, sharding
+from pdm_jax import benchmark, models, sharding
+from tests.cli import REPO
 
 
 @pytest.mark.parametrize("what", ["train_step", "denoise", "sample"])
@@ -18,8 +25,14 @@ def test_benchmark_record(what):
     assert record["items_per_s"] == pytest.approx(8 / record["median_s"])
     assert record["device"].startswith("cpu")
     assert record["peak_memory_source"] == "process_rss" and record["peak_memory_bytes"] > 0
-    assert record["flops_per_item"] > 0
+    assert record["flops_per_item"] == pytest.approx(record["flops_per_device"] * 8 / 8)
     assert "mfu" not in record  # no known peak for CPUs
+    # On the data-only mesh every device holds all of it, float32.
+    params = 4 * models.count_params(models.abstract_params(config.model))
+    if what == "train_step":  # params, EMA params, Adam's two moments, step, rng, counts
+        assert 4 * params <= record["state_bytes_per_device"] < 4 * params + 1024
+    else:
+        assert record["state_bytes_per_device"] == params
 
 
 @pytest.mark.parametrize("num_devices", [1, 2, 8])
@@ -29,7 +42,8 @@ def test_total_flops_of_a_sharded_matmul(num_devices):
     w = jax.device_put(jnp.ones((256, 256)), sharding.replicated(mesh))
     x = jax.device_put(jnp.ones((64, 256)), sharding.batch_sharding(mesh))
     compiled = jax.jit(lambda w, x: x @ w).lower(w, x).compile()
-    assert benchmark._total_flops(compiled) == (2 * 64 * 256 * 256, num_devices)
+    flops, devices = benchmark._flops_per_device(compiled)
+    assert (flops * devices, devices) == (2 * 64 * 256 * 256, num_devices)
 
 
 def test_flops_per_item_does_not_depend_on_the_device_count():
@@ -45,3 +59,104 @@ def test_flops_per_item_does_not_depend_on_the_device_count():
     assert flops_per_item(jax.devices()) == pytest.approx(
         flops_per_item(jax.devices()[:1]), rel=1e-2
     )
+
+
+def test_state_bytes_per_device_counts_one_shard():
+    mesh = sharding.create_mesh()
+    x = jnp.ones((64, 4), jnp.float32)
+    tree = {
+        "sharded": jax.device_put(x, sharding.batch_sharding(mesh)),
+        "replicated": jax.device_put(x, sharding.replicated(mesh)),
+        "key": jax.device_put(jax.random.key(0), sharding.replicated(mesh)),
+    }
+    expected = 64 * 4 * 4 // 8 + 64 * 4 * 4 + 8
+    assert benchmark.state_bytes_per_device(tree) == expected
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
+    )
+    assert benchmark.state_bytes_per_device(abstract) == expected
+    with pytest.raises(ValueError, match="no sharding"):
+        benchmark.state_bytes_per_device(jax.ShapeDtypeStruct((2,), jnp.float32))
+
+
+def test_count_collectives_of_a_compiled_program():
+    mesh = sharding.create_mesh()
+    x = jax.device_put(jnp.ones((64, 256)), sharding.batch_sharding(mesh))
+    # The kernel sharded by columns is gathered for the row-sharded matmul; the sum of a
+    # row-sharded result is reduced across devices.
+    w = jax.device_put(jnp.ones((256, 256)), NamedSharding(mesh, PartitionSpec(None, "data")))
+    compiled = jax.jit(lambda x, w: jnp.sum(x @ w)).lower(x, w).compile()
+    counts = benchmark.count_collectives(compiled.as_text())
+    assert counts["all-gather"] >= 1 and counts["all-reduce"] >= 1
+    assert counts["all-to-all"] == counts["reduce-scatter"] == 0
+    text = "%a = f32[8] all-gather-start(%p)\n%b = f32[1] reduce-scatter(%q), to_apply=%add"
+    assert benchmark.count_collectives(text) == {
+        "all-gather": 1,
+        "reduce-scatter": 1,
+        "all-reduce": 0,
+        "all-to-all": 0,
+        "collective-permute": 0,
+    }
+
+
+@pytest.mark.slow
+def test_plan_data_parallel_vs_fsdp():
+    def plan(mesh_shape):
+        config = pdm_configs.get_config("uvit,tiny=1")
+        config.sharding.mesh_shape = mesh_shape
+        config.sharding.mesh_axes = ("data", "fsdp", "tensor")
+        return benchmark.plan(config, batch_size=8)
+
+    data, fsdp = plan((8, 1, 1)), plan((1, 8, 1))
+    for record in (data, fsdp):
+        assert record["devices"] == 8 and record["num_params"] == 42_404
+        assert record["temp_bytes_per_device"] > 0 and record["flops_per_device"] > 0
+        assert record["peak_bytes_per_device"] >= record["state_bytes_per_device"]
+        # The state is donated: its outputs reuse the inputs' buffers.
+        assert record["alias_bytes_per_device"] == record["state_bytes_per_device"]
+    assert data["mesh_shape"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    # Params, EMA and Adam moments, float32, replicated over the data axis.
+    assert data["state_bytes_per_device"] >= 16 * 42_404
+    # Data parallelism averages the gradients across the batch shards.
+    assert data["collectives"]["all-reduce"] >= 1
+    assert fsdp["state_bytes_per_device"] <= data["state_bytes_per_device"]
+    if fsdp["state_bytes_per_device"] < data["state_bytes_per_device"]:
+        # Once the logical rules shard the state over fsdp (issue #14's sharding core):
+        # every device gathers the parameters it computes with.
+        assert fsdp["collectives"]["all-gather"] >= 1
+    else:
+        # Rules replicating every parameter (before the sharding core): nothing to gather.
+        assert fsdp["collectives"]["all-gather"] == 0
+
+
+def test_plan_command_makes_its_own_devices():
+    # The test session has 8 devices; --devices=2 must give the plan a 2-device mesh.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdm_jax.benchmark",
+            "--what=plan",
+            "--devices=2",
+            "--batch_size=4",
+            "--nocompile",
+            "--config=configs/pdm.py:uvit,tiny=1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["devices"] == 2 and np.prod(list(record["mesh_shape"].values())) == 2
+    assert record["batch_size"] == 4 and record["num_params"] == 42_404
+    # Replicated on a data-only mesh: params, EMA and Adam's moments in float32, and more.
+    assert record["state_bytes_per_device"] >= 16 * 42_404
+    assert "temp_bytes_per_device" not in record  # --nocompile: the state's layout only
+
+
+def test_fake_devices_after_backends_exist_is_an_error():
+    jax.devices()
+    with pytest.raises(RuntimeError, match="already initialised"):
+        benchmark.use_fake_cpu_devices(4)

@@ -68,7 +68,9 @@ def build(model_cfg: Any) -> nn.Module:
     """
     if model_cfg.name not in MODELS:
         raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
-    attention.check_implementation(model_cfg.attention, model_cfg.dtype)
+    attention.check_implementation(
+        model_cfg.attention, model_cfg.dtype, head_dim=model_cfg.embed_dim // model_cfg.num_heads
+    )
     return MODELS[model_cfg.name](
         UViTSpec.from_config(model_cfg),
         dtype=jnp.dtype(model_cfg.dtype),

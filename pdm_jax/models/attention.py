@@ -1,6 +1,7 @@
 """Scaled dot-product attention with a platform-chosen implementation.
 
-On GPU and TPU ``jax.nn.dot_product_attention`` lets XLA (or cuDNN) pick a fused kernel.
+On TPU ``jax.nn.dot_product_attention`` lets XLA fuse it; on GPU with a bfloat16/float16
+compute dtype ``auto`` takes cuDNN's fused flash attention (float32 there: XLA's path).
 XLA:CPU has no fused attention: it writes the ``[B, H, T, T]`` logits to memory, reads
 them back for the softmax and again for the second matmul, and its batched matmuls run at
 a quarter of its plain-matmul speed. ``chunked_attention`` is the CPU path: a
@@ -129,44 +130,55 @@ def chunked_attention(q: Array, k: Array, v: Array, heads_per_group: int | None 
     return _chunked(q, k, v, n)
 
 
-def resolve_implementation(implementation: str) -> str:
-    """``auto`` → ``chunked`` on CPU, ``xla`` elsewhere (XLA/cuDNN choose a fused kernel).
+# cuDNN's flash attention: half-precision inputs, head dim a multiple of 8 and at most
+# 128 (256 from Hopper on; 128 is what every GPU JAX supports takes).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def resolve_implementation(
+    implementation: str,
+    dtype: Any = jnp.float32,
+    backend: str | None = None,
+    head_dim: int | None = None,
+) -> str:
+    """The concrete kernel for ``implementation`` on ``backend`` at compute ``dtype``.
+
+    ``auto`` is ``chunked`` on CPU, ``xla`` on TPU (XLA fuses it), and on GPU ``cudnn``
+    (its fused flash attention) where the dtype is bfloat16/float16 and the head dim fits
+    it, else ``xla``. Other names are returned as given.
 
     Args:
       implementation: one of ``IMPLEMENTATIONS``.
+      dtype: the compute dtype of q, k, v.
+      backend: JAX's backend name (default: ``jax.default_backend()``).
+      head_dim: ``Dh``; None: not checked.
 
     Returns:
-      The concrete implementation for the default backend.
+      ``xla``, ``cudnn`` or ``chunked``.
+
+    Raises:
+      ValueError: for an unknown implementation.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}."
         )
-    if implementation == "auto":
-        return "chunked" if jax.default_backend() == "cpu" else "xla"
-    return implementation
-
-
-def check_implementation(implementation: str, dtype: Any, backend: str | None = None) -> None:
-    """Fails early, with the fix, where ``implementation`` cannot run (at model build time).
-
-    ``cudnn`` is cuDNN's flash-attention kernel: it takes bfloat16 or float16 inputs (the
-    model's compute ``dtype``) on a GPU; elsewhere JAX fails only when the model is traced.
-
-    Args:
-      implementation: ``config.model.attention``.
-      dtype: the model's compute dtype (``config.model.dtype``).
-      backend: JAX's backend name (default: ``jax.default_backend()``).
-
-    Raises:
-      ValueError: naming each unmet need and the flag that fixes it.
-    """
-    if implementation != "cudnn":
-        return
+    if implementation != "auto":
+        return implementation
     backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu":
+        return "chunked"
+    if backend == "gpu" and not _cudnn_problems(dtype, backend, head_dim):
+        return "cudnn"
+    return "xla"
+
+
+def _cudnn_problems(dtype: Any, backend: str, head_dim: int | None) -> list[str]:
+    """What keeps cuDNN's flash attention from running, each with its fix."""
     dtype = jnp.dtype(dtype)
     problems = []
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if dtype.name not in CUDNN_DTYPES:
         problems.append(
             f"a bfloat16 or float16 compute dtype, but model.dtype is {dtype.name}: set "
             "--config.model.dtype=bfloat16"
@@ -175,6 +187,37 @@ def check_implementation(implementation: str, dtype: Any, backend: str | None = 
         problems.append(
             f"a GPU, but JAX's backend is {backend}: set --config.model.attention=xla (or auto)"
         )
+    if head_dim is not None and (head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM):
+        problems.append(
+            f"a head dim (embed_dim / num_heads) that is a multiple of 8 and at most "
+            f"{CUDNN_MAX_HEAD_DIM}, but it is {head_dim}: change model.num_heads, or choose "
+            "--config.model.attention=auto"
+        )
+    return problems
+
+
+def check_implementation(
+    implementation: str, dtype: Any, backend: str | None = None, head_dim: int | None = None
+) -> None:
+    """Fails early, with the fix, where ``implementation`` cannot run (at model build time).
+
+    ``cudnn`` is cuDNN's flash-attention kernel: it takes bfloat16 or float16 inputs (the
+    model's compute ``dtype``) with a head dim that is a multiple of 8 up to 128, on a GPU;
+    elsewhere JAX fails only when the model is traced.
+
+    Args:
+      implementation: ``config.model.attention``.
+      dtype: the model's compute dtype (``config.model.dtype``).
+      backend: JAX's backend name (default: ``jax.default_backend()``).
+      head_dim: ``embed_dim / num_heads``; None: not checked.
+
+    Raises:
+      ValueError: naming each unmet need and the flag that fixes it.
+    """
+    if implementation != "cudnn":
+        return
+    backend = jax.default_backend() if backend is None else backend
+    problems = _cudnn_problems(dtype, backend, head_dim)
     if problems:
         raise ValueError(
             "model.attention=cudnn (cuDNN flash attention) needs " + "; and ".join(problems) + "."
@@ -186,13 +229,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, implementation: str = "a
 
     Args:
       q, k, v: query, key, value.
-      implementation: ``auto`` (per backend), ``xla`` (``jax.nn.dot_product_attention``,
-        XLA picks), ``cudnn`` (its cuDNN kernel; GPU only) or ``chunked``.
+      implementation: ``auto`` (per backend and dtype: ``resolve_implementation``), ``xla``
+        (``jax.nn.dot_product_attention``, XLA picks), ``cudnn`` (its cuDNN kernel; GPU
+        only) or ``chunked``.
 
     Returns:
       ``[B, T, H, Dh]`` attention output.
     """
-    impl = resolve_implementation(implementation)
+    impl = resolve_implementation(implementation, q.dtype, head_dim=q.shape[-1])
     if impl == "chunked":
         return chunked_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "xla" else impl)

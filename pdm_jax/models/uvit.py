@@ -57,7 +57,8 @@ class UViTSpec:
       use_given_map: the map is an input only (official ``use_ground_truth``).
       remat_policy: ``none`` | ``full`` | ``dots`` rematerialisation of the blocks.
       attention: attention kernel, ``auto`` | ``xla`` | ``cudnn`` | ``chunked``
-        (``pdm_jax.models.attention``; ``auto`` is ``chunked`` on CPU, ``xla`` elsewhere).
+        (``pdm_jax.models.attention``; ``auto``: ``chunked`` on CPU, ``xla`` on TPU,
+        ``cudnn`` on GPU in bf16/fp16).
     """
 
     img_size: int = 32

@@ -85,9 +85,28 @@ def test_heads_per_chunk_fits_budget_and_divides():
     assert attention.heads_per_chunk(6, 4, chunk_bytes=10**9) == 6
 
 
+@pytest.mark.parametrize(
+    ("backend", "dtype", "head_dim", "expected"),
+    [
+        ("gpu", "bfloat16", 64, "cudnn"),
+        ("gpu", "float16", 72, "cudnn"),  # U-ViT-H: 1152 / 16
+        ("gpu", "float32", 64, "xla"),  # cuDNN's flash attention is half precision only
+        ("gpu", "bfloat16", 12, "xla"),  # head dim not a multiple of 8
+        ("gpu", "bfloat16", 160, "xla"),  # over 128
+        ("tpu", "bfloat16", 64, "xla"),
+        ("tpu", "float32", 64, "xla"),
+        ("cpu", "bfloat16", 64, "chunked"),
+        ("cpu", "float32", None, "chunked"),
+    ],
+)
+def test_auto_resolves_per_backend_and_dtype(backend, dtype, head_dim, expected):
+    assert attention.resolve_implementation("auto", dtype, backend, head_dim) == expected
+
+
 def test_auto_resolves_per_backend_and_rejects_unknown():
     assert attention.resolve_implementation("auto") == "chunked"  # the tests run on CPU
     assert attention.resolve_implementation("xla") == "xla"
+    assert attention.resolve_implementation("cudnn", "float32", "gpu") == "cudnn"  # as given
     with pytest.raises(ValueError, match="Unknown attention implementation 'flash'"):
         attention.resolve_implementation("flash")
 
@@ -102,6 +121,7 @@ def test_chunked_rejects_bad_shapes_and_groups():
 
 _DTYPE_FIX = "set --config.model.dtype=bfloat16"
 _BACKEND_FIX = "set --config.model.attention=xla"
+_HEAD_FIX = "change model.num_heads"
 
 
 @pytest.mark.parametrize(
@@ -110,12 +130,14 @@ _BACKEND_FIX = "set --config.model.attention=xla"
         ("float32", None, (_DTYPE_FIX, _BACKEND_FIX)),  # the tests' backend is the CPU
         ("bfloat16", None, (_BACKEND_FIX,)),
         ("float32", "gpu", (_DTYPE_FIX,)),
+        ("bfloat16", "gpu", (_HEAD_FIX,)),
     ],
 )
 def test_cudnn_names_what_to_set(dtype, backend, fixes):
+    head_dim = 20 if _HEAD_FIX in fixes else 64
     with pytest.raises(ValueError, match=r"model\.attention=cudnn") as info:
-        attention.check_implementation("cudnn", dtype, backend)
-    for fix in (_DTYPE_FIX, _BACKEND_FIX):
+        attention.check_implementation("cudnn", dtype, backend, head_dim)
+    for fix in (_DTYPE_FIX, _BACKEND_FIX, _HEAD_FIX):
         assert (fix in str(info.value)) == (fix in fixes)
 
 

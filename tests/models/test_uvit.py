@@ -54,6 +54,48 @@ def test_forward_runs_and_depends_on_inputs():
     assert not np.allclose(eps, apply({"params": params}, x, None, t, ctx + 1.0))
 
 
+def _uvit_param_count(d, depth, *, patch=2, chans=4, clip_dim=768, tokens=77, latent=32):
+    """U-ViT's parameters, counted by hand from its layers (no qkv bias, MLP 4×D)."""
+    block = 2 * d + 3 * d * d + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    skip = 2 * d * d + d
+    out = patch * patch * chans
+    return (
+        (depth + 1) * block  # depth // 2 in, the middle one, depth // 2 out
+        + depth // 2 * skip
+        + (out * d + d)  # patch_embed
+        + (clip_dim * d + d)  # context_embed
+        + (1 + tokens + (latent // patch) ** 2) * d  # pos_embed
+        + 2 * d  # norm
+        + (d * out + out)  # decoder_pred
+        + (9 * chans * chans + chans)  # final_layer, 3×3 conv
+    )
+
+
+# The paper's counts (Bao et al. 2023, Table 1, class-conditional): text conditioning and
+# the latent patching move them by under 1%.
+@pytest.mark.parametrize(
+    ("size", "paper"),
+    [("S", 44e6), ("S-Deep", 58e6), ("M", 131e6), ("L", 287e6), ("H", 501e6)],
+)
+def test_param_count_per_size(size, paper):
+    cfg = get_config(f"uvit,size={size}").model
+    count = models.count_params(models.abstract_params(cfg))  # eval_shape: nothing allocated
+    assert count == _uvit_param_count(cfg.embed_dim, cfg.depth)
+    assert count == pytest.approx(paper, rel=0.02)
+    if size == "S":
+        assert count == 44_692_644  # the official checkpoint's
+        assert cfg == get_config("uvit").model  # S is the default
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [("uvit,size=XL", "Unknown config option size='XL'"), ("uvit,size=M,tiny=1", "give one")],
+)
+def test_bad_size_is_named(arg, message):
+    with pytest.raises(ValueError, match=message):
+        get_config(arg)
+
+
 def test_param_count_uvit_s_and_names():
     cfg = get_config("uvit").model
     params = models.abstract_params(cfg)
