@@ -2,7 +2,7 @@
 
 Sample ``i`` of COCO uses val record ``i mod R`` and its caption ``(i div R) mod K``; of
 the synthetic world, held-out example ``i``. Each process takes a contiguous slice of the
-indices (``host_indices``).
+indices (``pdm_jax.sampling.sampler.host_indices``).
 """
 
 import dataclasses
@@ -83,9 +83,3 @@ def eval_prompts(config: specs.RunSpec) -> tuple[Any, Any]:
         f"Evaluation reads validation captions from data.source 'coco' or 'synthetic', got "
         f"{config.data.source!r}."
     )
-
-
-def host_indices(num_samples: int, process_index: int, process_count: int) -> range:
-    """The contiguous slice of ``range(num_samples)`` that one process samples and scores."""
-    bounds = np.linspace(0, num_samples, process_count + 1).round().astype(int)
-    return range(int(bounds[process_index]), int(bounds[process_index + 1]))

@@ -56,6 +56,7 @@ from pdm_jax.data import pipeline
 from pdm_jax.evaluation import prompts as prompts_lib
 from pdm_jax.evaluation import reference_stats, scoring, store
 from pdm_jax.sampling.params import load_params
+from pdm_jax.sampling.sampler import host_indices
 from pdm_jax.weights import clip as hf_clip
 
 DEFAULT_NUM_SAMPLES = {"coco": 30_000, "synthetic": 256}
@@ -138,7 +139,7 @@ def run_evaluate(config: Any, workdir: str, *, info: Any = None) -> dict:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"pdm_eval_samples_{ev.task}")
     t0 = time.perf_counter()
-    mine = prompts_lib.host_indices(ev.num_samples, jax.process_index(), jax.process_count())
+    mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
     needs_map = store.has_generated_maps(config, ev)
     scores = scoring.score_samples(
         ev, prompts, world, samples_dir, mine, extractor, embedder, needs_map

@@ -16,8 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from pdm_jax import specs
 from pdm_jax.data.schema import DatasetInfo
-from pdm_jax.evaluation.prompts import host_indices
-from pdm_jax.sampling.sampler import Sampler
+from pdm_jax.sampling.sampler import Sampler, host_indices
 
 
 def has_generated_maps(config: specs.RunSpec, ev: specs.EvalSpec) -> bool:

@@ -23,7 +23,6 @@ from pdm_jax.data.synthetic import world as world_lib
 from pdm_jax.diffusion import maps
 from pdm_jax.evaluation import clip_score, fid
 from pdm_jax.evaluation import mcd as mcd_lib
-from pdm_jax.evaluation import prompts as eval_prompts
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.models import inception
 from pdm_jax.models.clip import ClipConfig, CLIPModel, ClipTextConfig, ClipVisionConfig
@@ -197,13 +196,6 @@ def test_missing_checkpoint_names_the_directory(tmp_path):
     config = get_config("demo,tiny=1")
     with pytest.raises(checkpointing.CheckpointNotFoundError, match=str(tmp_path)):
         evaluate.run_evaluate(config, str(tmp_path))
-
-
-def test_host_slices_partition_the_indices():
-    for n, p in ((0, 3), (5, 8), (30_000, 7), (12, 1)):
-        slices = [eval_prompts.host_indices(n, i, p) for i in range(p)]
-        assert [i for s in slices for i in s] == list(range(n))
-        assert max(map(len, slices)) - min(map(len, slices)) <= 1
 
 
 def test_eval_settings_defaults_and_errors(tmp_path):

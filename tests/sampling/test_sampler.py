@@ -106,3 +106,10 @@ def test_one_compiled_program_per_spec():
     ids = np.full((1, sampler.map_side, sampler.map_side), sorted(info.category_names)[1])
     out = sampler([0], contexts=ref, task="given_map", known_maps=ids)
     np.testing.assert_array_equal(out.maps, ids)
+
+
+def test_host_slices_partition_the_indices():
+    for n, p in ((0, 3), (5, 8), (30_000, 7), (12, 1)):
+        slices = [sampler_lib.host_indices(n, i, p) for i in range(p)]
+        assert [i for s in slices for i in s] == list(range(n))
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
