@@ -41,8 +41,10 @@ SETTINGS = {  # a handful of steps, a step-2 checkpoint, the sample grid once
     "sample.batch_size": 4,
 }
 # Parameters after the same steps on 1 × 8 and 2 × 4 devices: the same batches and random
-# numbers; only the order of the cross-device sums differs (float32 rounding).
-RTOL, ATOL = 1e-4, 1e-6
+# numbers; only the order of the cross-device sums differs (float32 rounding). Adam divides
+# each gradient by its own scale, so a near-zero gradient's rounding moves its parameter by
+# up to ~1e-3 of a step (learning rate 4e-3): atol 2e-5.
+RTOL, ATOL = 1e-4, 2e-5
 
 
 def _flags(**overrides) -> list[str]:
@@ -182,10 +184,10 @@ def _check_mode_output(mode: str, workdir: Path, tmp_path: Path, results) -> Non
         alone = tmp_path / "alone"
         shutil.copytree(workdir / "checkpoints", alone / "checkpoints")
         one = evaluate.run_evaluate(_config(), str(alone))
-        timing = ("sampling", "scoring_seconds")
-        assert {k: v for k, v in two.items() if k not in timing} == pytest.approx(
-            {k: v for k, v in one.items() if k not in timing}, rel=1e-3
-        )
+        assert two.keys() == one.keys() and two["num_samples"] == 6
+        scores = [k for k, v in one.items() if isinstance(v, float) and k != "scoring_seconds"]
+        assert {"mcd", "map_image_agreement", "caption_recall"} <= set(scores)
+        assert {k: two[k] for k in scores} == pytest.approx({k: one[k] for k in scores})
         ours = sorted((workdir / "eval" / "4" / "samples_cogenerate").glob("*.png"))
         theirs = sorted((alone / "eval" / "4" / "samples_cogenerate").glob("*.png"))
         assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == 12

@@ -205,10 +205,13 @@ class Sampler:
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
 
     def _place(self, a: np.ndarray, where: jax.sharding.NamedSharding) -> Any:
-        """A host array as the program's input: as is on one process's devices; on a mesh
-        that spans processes (the trainer's), a global array built from the same full
-        array on every process (all of them call the sampler with the same inputs)."""
-        if not self.mesh.is_multi_process:
+        """A host array as the program's input.
+
+        One process: as is. Several: jit takes no numpy input with a non-trivial sharding,
+        so a ``jax.Array``, built from the full array (the same on every process for a mesh
+        that spans them, as the trainer's: all call the sampler with the same inputs).
+        """
+        if jax.process_count() == 1:
             return a
         return jax.make_array_from_callback(a.shape, where, lambda index: a[index])
 

@@ -274,7 +274,7 @@ class SignalGuard:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._manager = manager
-        self.synchronized = _preemption_service_running()
+        self.synchronized = jax.process_count() > 1
         if self.synchronized and manager is None:
             raise ValueError("A multi-process SignalGuard needs the run's CheckpointManager.")
 
@@ -324,10 +324,3 @@ class SignalGuard:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-
-
-def _preemption_service_running() -> bool:
-    """Whether ``jax.distributed`` runs JAX's preemption service in this process."""
-    from jax._src import distributed  # no public query; multihost_utils reads the same
-
-    return distributed.global_state.preemption_sync_manager is not None

@@ -12,7 +12,8 @@
 * every ``eval_every_steps``: ``<workdir>/samples/step_<N>.png`` (caption | image | map)
   sampled with the EMA parameters;
 * every ``checkpoint_every_steps``, at the end and on SIGTERM/SIGINT: a checkpoint, saved
-  before that step's grid (a stop signal skips the grid).
+  before that step's grid (a stop signal skips the grid). With several processes, a
+  SIGTERM to any of them stops all at one shared step (``init.SignalGuard``).
 
 The host checks the losses and norms of every step before a checkpoint is written; a NaN
 or Inf stops training with ``NonFiniteLossError`` naming the step, so the last checkpoint
