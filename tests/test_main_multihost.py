@@ -13,7 +13,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -105,12 +104,24 @@ def test_preemption_of_one_process_stops_all_at_one_step(preempted):
     assert manager.latest_step() == steps[0]
 
 
-def test_two_processes_train_like_one(preempted, tmp_path):
+@pytest.fixture(scope="module")
+def one_process(preempted, tmp_path_factory):
+    """1 process × 8 devices (this one), the same config, past the preempted run's step.
+
+    Returns:
+      ``(workdir, last step)``; it holds a checkpoint for every step.
+    """
+    workdir = tmp_path_factory.mktemp("one_process")
+    last = max(_stopped_step(preempted[1][0].stderr), 4)
+    config = _config(**{"train.num_train_steps": last, "train.checkpoint_every_steps": 1})
+    trainer.train_and_evaluate(config, str(workdir))
+    return workdir, last
+
+
+def test_two_processes_train_like_one(preempted, one_process):
     workdir, results = preempted
+    one, _ = one_process
     stop = _stopped_step(results[0].stderr)
-    # 1 process × 8 devices, the same config, to the step the preempted run saved.
-    one = tmp_path / "one_process"
-    trainer.train_and_evaluate(_config(**{"train.num_train_steps": stop}), str(one))
     _assert_same_params(_params(workdir, stop), _params(one, stop))
     # Only process 0 writes events and sample grids; both write their checkpoint shards.
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
@@ -145,60 +156,56 @@ def test_two_process_checkpoint_resumes_on_one_process(preempted, tmp_path):
     _assert_same_params(_params(here, stop), _params(workdir, stop))
 
 
-def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
-    one = tmp_path / "one_process"
-    trainer.train_and_evaluate(_config(**{"train.num_train_steps": 4}), str(one))
+def test_one_process_checkpoint_resumes_on_two_processes(one_process, tmp_path):
+    one, _ = one_process
     two = tmp_path / "two_processes"
-    results = run_processes(
-        *_flags(
-            **{
-                "train.num_train_steps": 4,
-                "train.eval_every_steps": 0,
-                "ckpt.resume_from": one / "checkpoints" / "2",
-                "ckpt.reset_data_position": True,
-            }
-        ),
-        f"--workdir={two}",
-        num_processes=2,
-        devices=4,
-    )
+    resume = {
+        "train.num_train_steps": 4,
+        "train.eval_every_steps": 0,
+        "ckpt.resume_from": one / "checkpoints" / "2",
+        "ckpt.reset_data_position": True,
+    }
+    results = run_processes(*_flags(**resume), f"--workdir={two}", num_processes=2, devices=4)
     assert [r.returncode for r in results] == [0, 0], describe(results)
     assert "Data order taken up at step 2" in results[1].stderr
     _assert_same_params(_params(two, 4), _params(one, 4))
-    # The same checkpoint evaluated and sampled by 2 processes and by this one.
-    for mode in ("evaluate", "sample"):
-        results = run_processes(
-            *_flags(), f"--workdir={one}", f"--mode={mode}", num_processes=2, devices=4
-        )
-        assert [r.returncode for r in results] == [0, 0], describe(results)
-        _check_mode_output(mode, one, tmp_path, results)
 
 
-def _check_mode_output(mode: str, workdir: Path, tmp_path: Path, results) -> None:
-    if mode == "evaluate":
-        # Each process sampled its 3 of the 6 samples; the metrics are those of 1 process.
-        for p, r in enumerate(results):
-            assert f"sampling (cogenerate) process {p}: 100%" in r.stderr
-            assert "3/3" in r.stderr
-        two = json.loads((workdir / "eval" / "4" / "metrics.json").read_text())["cogenerate"]
-        alone = tmp_path / "alone"
-        shutil.copytree(workdir / "checkpoints", alone / "checkpoints")
-        one = evaluate.run_evaluate(_config(), str(alone))
-        assert two.keys() == one.keys() and two["num_samples"] == 6
-        scores = [k for k, v in one.items() if isinstance(v, float) and k != "scoring_seconds"]
-        assert {"mcd", "map_image_agreement", "caption_recall"} <= set(scores)
-        assert {k: two[k] for k in scores} == pytest.approx({k: one[k] for k in scores})
-        ours = sorted((workdir / "eval" / "4" / "samples_cogenerate").glob("*.png"))
-        theirs = sorted((alone / "eval" / "4" / "samples_cogenerate").glob("*.png"))
-        assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == 12
-        return
-    out = workdir / "sample_cogenerate_step4"
+def test_evaluate_on_two_processes_splits_the_samples(one_process, tmp_path):
+    one, last = one_process
+    results = run_processes(
+        *_flags(), f"--workdir={one}", "--mode=evaluate", num_processes=2, devices=4
+    )
+    assert [r.returncode for r in results] == [0, 0], describe(results)
+    # Each process sampled its 3 of the 6 samples; the metrics are those of 1 process.
+    for p, r in enumerate(results):
+        assert f"sampling (cogenerate) process {p}: 100%" in r.stderr
+        assert "3/3" in r.stderr
+    two = json.loads((one / "eval" / str(last) / "metrics.json").read_text())["cogenerate"]
+    alone = tmp_path / "alone"
+    shutil.copytree(one / "checkpoints", alone / "checkpoints")
+    single = evaluate.run_evaluate(_config(), str(alone))
+    assert two.keys() == single.keys() and two["num_samples"] == 6
+    scores = [k for k, v in single.items() if isinstance(v, float) and k != "scoring_seconds"]
+    assert {"mcd", "map_image_agreement", "caption_recall"} <= set(scores)
+    assert {k: two[k] for k in scores} == pytest.approx({k: single[k] for k in scores})
+    ours = sorted((one / "eval" / str(last) / "samples_cogenerate").glob("*.png"))
+    theirs = sorted((alone / "eval" / str(last) / "samples_cogenerate").glob("*.png"))
+    assert [p.name for p in ours] == [p.name for p in theirs] and len(ours) == 12
+
+
+def test_sample_on_two_processes_writes_each_sample_once(one_process, tmp_path):
+    one, last = one_process
+    results = run_processes(
+        *_flags(), f"--workdir={one}", "--mode=sample", num_processes=2, devices=4
+    )
+    assert [r.returncode for r in results] == [0, 0], describe(results)
+    out = one / f"sample_cogenerate_step{last}"
     meta = json.loads((out / "samples.json").read_text())
     wrote = [r.stderr.split(" wrote samples ", 1)[1].split(" ", 1)[0] for r in results]
     n = len(meta["samples"])
-    assert wrote == [f"0..{n // 2 - 1}", f"{n // 2}..{n - 1}"]  # each sample once
-    alone = sample_mode.run(_config(**{"sample.out_dir": str(tmp_path / "sample")}), str(workdir))
+    assert wrote == [f"0..{n // 2 - 1}", f"{n // 2}..{n - 1}"]  # each sample by one process
+    alone = sample_mode.run(_config(**{"sample.out_dir": str(tmp_path / "alone")}), str(one))
     assert json.loads((alone / "samples.json").read_text())["samples"] == meta["samples"]
     for rec in meta["samples"]:
         np.testing.assert_array_equal(np.load(out / rec["ids"]), np.load(alone / rec["ids"]))
-    assert jax.process_count() == 1
