@@ -212,6 +212,9 @@ def test_worker_processes_read_the_same_records_and_resume():
     resumed = iter(loader)
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["latent"], following["latent"])
+    moved = iter(loader)  # seek knows how the workers share the batches
+    pipeline.seek(moved, 2, config.train.batch_size)
+    assert moved.get_state() == state
 
 
 def test_workers_outside_an_absl_program_are_refused_with_the_fix():
