@@ -160,6 +160,10 @@ def _base_config() -> ml_collections.ConfigDict:
     ck.allow_random_frozen_stream = False
     ck.use_ema_for_init = True  # init_from takes the EMA parameters when present
     ck.async_save = True
+    # Resume without the checkpoint's saved data position (grain saves one per process and
+    # cannot re-map it to another process count): the data order is taken up at the
+    # checkpoint's step instead (README, Multi-host).
+    ck.reset_data_position = False
 
     c.sample = sa = ml_collections.ConfigDict()
     sa.step = -1  # checkpoint step; -1: the latest

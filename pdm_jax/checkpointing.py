@@ -232,6 +232,8 @@ def restore_state(
       CorruptCheckpointError: the step's files cannot be read (names an intact step).
     """
     where = str(epath.Path(manager.directory) / str(step))
+    if data_iterator is not None:
+        check_data_topology(epath.Path(where))
     read_all = lambda s: read_state_on_host(manager, s)
     tree = _read_or_raise_corrupt(manager, step, lambda s: _state_tree(manager, s), fix, read_all)
     lines = param_mismatches(tree.get("params", {}), target.params)
@@ -263,12 +265,51 @@ def restore_state(
             except ValueError as e:
                 raise ConfigMismatchError(
                     f"The data position saved at {where} does not fit this input pipeline "
-                    f"(use the checkpoint's data.* settings, or ckpt.init_from to start a "
-                    f"new data order from its parameters): {e}"
+                    f"(use the checkpoint's data.* settings, or rerun with "
+                    f"--config.{RESET_DATA_POSITION}=True to take up the data order at the "
+                    f"checkpoint's step): {e}"
                 ) from e
         else:
             logging.warning("Checkpoint %s has no data item; the data order restarts.", where)
     return restored[STATE]
+
+
+# The option that resumes a checkpoint without its saved data position.
+RESET_DATA_POSITION = "ckpt.reset_data_position"
+
+
+def check_data_topology(step_dir: epath.Path) -> None:
+    """Refuses a data item saved by another number of processes, naming the option.
+
+    Grain saves one iterator state per process (``process_<i>-of-<n>.json``) and reads only
+    this process's, for the same ``n``: it cannot re-map the positions to another process
+    count.
+
+    Args:
+      step_dir: ``<checkpoints>/<step>``.
+
+    Raises:
+      ConfigMismatchError: the step has a data item, but none for this process count.
+    """
+    data = step_dir / DATA
+    if not data.is_dir():
+        return
+    index, count = jax.process_index(), jax.process_count()
+    if (data / f"process_{index}-of-{count}.json").exists():
+        return
+    saved = sorted(p.name for p in data.glob("process_*-of-*.json"))
+    if not saved:
+        return  # nothing of another layout to refuse; the restore itself reports
+    counts = sorted({name.rsplit("-of-", 1)[1].removesuffix(".json") for name in saved})
+    raise ConfigMismatchError(
+        f"The checkpoint at {step_dir} holds the data position of a run with "
+        f"{' or '.join(counts)} process(es) ({', '.join(saved)}), "
+        f"and this run has {count}: grain keeps one iterator state per process and cannot "
+        f"re-map it. Rerun with --config.{RESET_DATA_POSITION}=True to restore the train "
+        "state and take up the data order at the checkpoint's step (the data order is the "
+        "same for every process count, so with data.num_workers=0 that is where it left "
+        "off), or resume with the process count it was saved with."
+    )
 
 
 def load_params(

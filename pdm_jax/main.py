@@ -18,6 +18,7 @@ pretrained frozen stream), so a run fails at start rather than hours in.
 import logging as std_logging
 import os
 import sys
+from typing import Any
 
 import jax
 import ml_collections
@@ -57,7 +58,29 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_bool(
         "distributed",
         False,
-        "Multi-host run: call jax.distributed.initialize() first (TPU pods, SLURM GPU clusters).",
+        "Multi-host run: call jax.distributed.initialize() first. Alone it detects the "
+        "cluster (TPU pods, SLURM, Open MPI); with --coordinator_address, --num_processes "
+        "and --process_id it joins the processes named there (any cluster; several local "
+        "processes on CPU, with gloo collectives).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "--distributed without cluster detection: host:port of process 0's coordinator "
+        "(the same on every process).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "--distributed without cluster detection: how many processes take part.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "process_id",
+        None,
+        "--distributed without cluster detection: this process's index, 0..num_processes-1.",
         flag_values=fv,
     )
     flags.DEFINE_string(
@@ -116,6 +139,48 @@ def _apply_weight_flags(config: ml_collections.ConfigDict) -> None:
         config.data[field] = path
 
 
+_CLUSTER_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def cluster_arguments(distributed: bool, **given: Any) -> dict[str, Any]:
+    """``jax.distributed.initialize``'s arguments from the cluster flags, checked.
+
+    Args:
+      distributed: ``--distributed``.
+      **given: ``coordinator_address``, ``num_processes``, ``process_id`` as passed
+        (None: not given).
+
+    Returns:
+      The given ones (none: JAX detects the cluster).
+
+    Raises:
+      app.UsageError: they are given without ``--distributed``, only some of them are
+        given, or ``process_id`` is outside ``0..num_processes-1``.
+    """
+    given = {name: given[name] for name in _CLUSTER_FLAGS if given.get(name) is not None}
+    if not given:
+        return {}
+    if not distributed:
+        raise app.UsageError(
+            f"--{' --'.join(given)} only apply to multi-process runs; add --distributed "
+            "(or drop them for a single-process run)."
+        )
+    missing = [name for name in _CLUSTER_FLAGS if name not in given]
+    if missing:
+        raise app.UsageError(
+            f"--distributed with --{' --'.join(given)} also needs --{' --'.join(missing)}: "
+            "give all three (every process the same --coordinator_address and "
+            "--num_processes, its own --process_id), or none to detect the cluster "
+            "(TPU pods, SLURM)."
+        )
+    if given["num_processes"] < 1 or not 0 <= given["process_id"] < given["num_processes"]:
+        raise app.UsageError(
+            f"--process_id={given['process_id']} must lie in 0..num_processes-1 "
+            f"(--num_processes={given['num_processes']})."
+        )
+    return given
+
+
 def main(argv: list[str]) -> None:
     """Runs ``--mode`` with ``--config`` in ``--workdir``."""
     if len(argv) > 1:
@@ -125,9 +190,12 @@ def main(argv: list[str]) -> None:
     paths.resolve_config_paths(config)
     workdir = paths.resolve(FLAGS.workdir)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    cluster = cluster_arguments(
+        FLAGS.distributed, **{name: FLAGS[name].value for name in _CLUSTER_FLAGS}
+    )
     sharding.setup_cpu_devices(config, sharding.mode_batch_size(config, FLAGS.mode))
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        sharding.initialize_distributed(**cluster)
     logging.info(
         "JAX devices: %s (process %d of %d)",
         jax.devices(),

@@ -443,3 +443,32 @@ def setup_cpu_devices(config: Any, batch_size: int | None) -> int:
             count,
         )
     return count
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process run (``jax.distributed.initialize``), before any JAX computation.
+
+    Without arguments JAX detects the cluster (TPU pods, SLURM, Open MPI); with all three it
+    joins the processes they name (any cluster, or several processes on one machine). CPU
+    devices of different processes talk through gloo (``jax_cpu_collectives_implementation``,
+    unless the ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` environment variable chooses another),
+    so multi-process runs work, and are tested, on CPU too. JAX's preemption service starts
+    here: a SIGTERM to any process is shared with all of them
+    (``jax.experimental.multihost_utils.reached_preemption_sync_point``).
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordinator.
+      num_processes: the number of processes.
+      process_id: this process's index.
+    """
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )

@@ -101,6 +101,7 @@ class CheckpointSpec:
     allow_random_frozen_stream: bool
     use_ema_for_init: bool
     async_save: bool
+    reset_data_position: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,6 +164,21 @@ def test_param_mismatches_against_abstract_params():
     assert lines and all(line.startswith(name) for line in lines)
 
 
+def test_data_position_of_another_process_count_names_the_option(tmp_path):
+    step_dir = tmp_path / "checkpoints" / "6"
+    (step_dir / checkpointing.DATA).mkdir(parents=True)
+    checkpointing.check_data_topology(step_dir)  # no iterator state saved: nothing to map
+    for p in range(2):
+        (step_dir / checkpointing.DATA / f"process_{p}-of-2.json").write_text("{}")
+    with pytest.raises(checkpointing.ConfigMismatchError) as e:
+        checkpointing.check_data_topology(step_dir)
+    message = str(e.value)
+    assert "a run with 2 process(es)" in message and "this run has 1" in message
+    assert "--config.ckpt.reset_data_position=True" in message
+    (step_dir / checkpointing.DATA / "process_0-of-1.json").write_text("{}")
+    checkpointing.check_data_topology(step_dir)
+
+
 def test_signal_guard_defers_sigterm_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
     with init_lib.SignalGuard() as guard:

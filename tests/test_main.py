@@ -7,9 +7,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import app
 
 from configs import pdm as pdm_configs
-from pdm_jax import models
+from pdm_jax import main, models
 from tests.cli import run_main
 from tests.train import saved_states
 
@@ -64,6 +65,25 @@ def test_cpu_split_follows_the_mode_batch(tmp_path, mode, devices):
     listed = ", ".join(f"CpuDevice(id={i})" for i in range(devices))
     assert f"JAX devices: [{listed}] (process 0 of 1)" in result.stderr
     assert "No checkpoint at" in result.stderr
+
+
+def test_inconsistent_cluster_flags_are_refused(tmp_path):
+    with pytest.raises(app.UsageError, match="only apply to multi-process runs; add --distrib"):
+        main.cluster_arguments(False, num_processes=2)
+    with pytest.raises(app.UsageError, match="also needs --num_processes: give all three"):
+        main.cluster_arguments(True, coordinator_address="127.0.0.1:1234", process_id=0)
+    with pytest.raises(app.UsageError, match=r"--process_id=2 must lie in 0\.\.num_processes-1"):
+        main.cluster_arguments(True, coordinator_address="h:1", num_processes=2, process_id=2)
+    assert main.cluster_arguments(True) == {}  # JAX detects the cluster
+    given = dict(coordinator_address="h:1", num_processes=2, process_id=1)
+    assert main.cluster_arguments(True, **given) == given
+    # The command refuses them before anything runs.
+    result = run_main(
+        "--config=configs/pdm.py:demo,tiny=1", f"--workdir={tmp_path}", "--process_id=0"
+    )
+    assert result.returncode == 1
+    assert "--process_id only apply to multi-process runs" in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_importing_the_command_line_modules_defines_no_flags():

@@ -16,8 +16,17 @@ is a grain random-access data source (``__len__``, ``__getitem__``) whose record
 seed, shards by JAX process (``ShardByJaxProcess``), batches per process, runs
 ``data.num_workers`` worker processes (0: in-process) and its iterator state is a
 checkpoint item (``pdm_jax.checkpointing``).
+
+The order is one global order, whatever the number of processes (:class:`GlobalOrderSampler`):
+global batch ``k`` holds positions ``[k·B, (k+1)·B)`` of one seeded permutation stream, and
+process ``p`` of ``P`` reads only rows ``[p·B/P, (p+1)·B/P)`` of it, which are the rows its
+devices hold of the global batch. One process × 8 devices and two processes × 4 devices thus
+train on the same batches (with ``data.num_workers=0``; worker processes group each
+process's records by worker), and a run can continue its data order on another topology
+from the step alone (``seek``).
 """
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -127,6 +136,100 @@ def per_process_batch_size(global_batch_size: int, num_data_shards: int | None =
     return global_batch_size // jax.process_count()
 
 
+class GlobalOrderSampler:
+    """Grain sampler: process ``p``'s records are its rows of one global batch order.
+
+    Grain's ``DataLoader`` (``ShardByJaxProcess``) asks process ``p`` of ``P`` for sampler
+    indices ``p, p + P, p + 2P, …``; index ``j`` (local record ``i = j // P``) is mapped to
+    global position ``(i // b)·B + p·b + i mod b`` (``b = B / P``) of an unsharded
+    ``IndexSampler``, whose record and per-record RNG depend on that position only. The
+    stream ends after the last complete global batch.
+    """
+
+    def __init__(
+        self,
+        num_records: int,
+        *,
+        global_batch_size: int,
+        process_count: int,
+        shuffle: bool,
+        num_epochs: int | None,
+        seed: int,
+    ):
+        """Args:
+        num_records: records in the source.
+        global_batch_size: B, a multiple of ``process_count``.
+        process_count: P.
+        shuffle: a fresh seeded permutation per epoch.
+        num_epochs: passes over the source; None repeats forever.
+        seed: shuffle and per-record RNG seed.
+        """
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"Global batch size {global_batch_size} is not divisible by the "
+                f"{process_count} processes; set --config.train.batch_size to a multiple."
+            )
+        self._inner = grain.samplers.IndexSampler(
+            num_records=num_records,
+            shard_options=grain.sharding.NoSharding(),
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            seed=seed,
+        )
+        self._global, self._count = int(global_batch_size), int(process_count)
+        self._local = self._global // self._count
+        self._len = len(self._inner) // self._global * self._global
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return (
+            f"GlobalOrderSampler(global_batch_size={self._global}, "
+            f"process_count={self._count}, {self._inner!r})"
+        )
+
+    def global_position(self, index: int) -> int:
+        """The global stream position of sampler index ``index``."""
+        process, local = index % self._count, index // self._count
+        batch, row = divmod(local, self._local)
+        return batch * self._global + process * self._local + row
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._len:
+            raise IndexError(f"Sampler index {index} is outside [0, {self._len}).")
+        return self._inner[self.global_position(index)]
+
+
+def seek(iterator: Any, num_batches: int, local_batch_size: int) -> None:
+    """Moves a fresh loader iterator to just after its first ``num_batches`` batches.
+
+    The state is the one grain's iterator reports after reading those batches (with or
+    without worker processes, which take the batches round robin), so a run can take up
+    the data order at a step without an iterator state saved for this process count.
+
+    Args:
+      iterator: ``iter(create_loader(...))``, not advanced yet.
+      num_batches: batches this process has read (the training step).
+      local_batch_size: rows per batch on this process.
+    """
+    if num_batches <= 0:
+        return
+    state = json.loads(iterator.get_state().decode())
+    count, index = jax.process_count(), jax.process_index()
+    workers = int(state["worker_count"])
+    slots = max(workers, 1)
+    global_slots = slots * count
+    last_seen = {}
+    for w in range(slots):
+        batches = (num_batches - w + slots - 1) // slots if num_batches > w else 0
+        consumed = batches * local_batch_size  # records read by that worker
+        last_seen[str(w)] = index - global_slots + w * count + consumed * global_slots
+    state["last_seen_indices"] = last_seen
+    state["last_worker_index"] = num_batches % slots - 1
+    iterator.set_state(json.dumps(state).encode())
+
+
 def create_loader(
     source: Any,
     data: DataSpec,
@@ -134,7 +237,6 @@ def create_loader(
     batch_size: int,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    drop_remainder: bool = True,
 ) -> grain.DataLoader:
     """A grain loader yielding this process's batches in the training schema.
 
@@ -143,8 +245,8 @@ def create_loader(
       data: the run's ``DataSpec`` (seed, workers, threads, prefetch, map side and pooling).
       batch_size: global batch size.
       shuffle: seeded shuffling (a fresh permutation per epoch).
-      num_epochs: passes over the source; None repeats forever.
-      drop_remainder: drop a last partial batch (and uneven shards).
+      num_epochs: passes over the source (the last partial global batch is dropped);
+        None repeats forever.
 
     Returns:
       A ``grain.DataLoader``; ``iter(loader)`` is checkpointable
@@ -163,10 +265,10 @@ def create_loader(
             "absl.flags.FLAGS.mark_as_parsed() (or flags.FLAGS(sys.argv)) first, run through "
             "python -m pdm_jax.main, or set data.num_workers=0."
         )
-    shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=drop_remainder)
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=shard_options,
+    sampler = GlobalOrderSampler(
+        len(source),
+        global_batch_size=int(batch_size),
+        process_count=jax.process_count(),
         shuffle=shuffle,
         num_epochs=num_epochs,
         seed=data.seed,
@@ -174,7 +276,8 @@ def create_loader(
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[normalise, grain.transforms.Batch(local_batch, drop_remainder=drop_remainder)],
+        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        operations=[normalise, grain.transforms.Batch(local_batch, drop_remainder=True)],
         worker_count=data.num_workers,
         read_options=grain.ReadOptions(
             num_threads=data.num_threads, prefetch_buffer_size=data.prefetch

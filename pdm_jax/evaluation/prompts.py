@@ -2,8 +2,8 @@
 
 Sample ``i`` of COCO uses val record ``i mod R`` and its caption ``(i div R) mod K``; of
 the synthetic world, held-out example ``i``. Each process takes a contiguous slice of the
-indices (``host_indices``). The inpainting task regenerates a box of sample ``i``
-(``inpaint_mask``), drawn from ``(eval.seed, i)``.
+indices (``pdm_jax.sampling.sampler.host_indices``). The inpainting task regenerates a box of
+sample ``i`` (``inpaint_mask``), drawn from ``(eval.seed, i)``.
 """
 
 import dataclasses
@@ -101,12 +101,6 @@ def eval_prompts(config: specs.RunSpec) -> tuple[Any, Any]:
         f"Evaluation reads validation captions from data.source 'coco' or 'synthetic', got "
         f"{config.data.source!r}."
     )
-
-
-def host_indices(num_samples: int, process_index: int, process_count: int) -> range:
-    """The contiguous slice of ``range(num_samples)`` that one process samples and scores."""
-    bounds = np.linspace(0, num_samples, process_count + 1).round().astype(int)
-    return range(int(bounds[process_index]), int(bounds[process_index + 1]))
 
 
 def inpaint_mask(seed: int, index: int, side: int, fraction: float) -> np.ndarray:

@@ -76,6 +76,7 @@ from pdm_jax.diffusion import dpm_solver
 from pdm_jax.evaluation import prompts as prompts_lib
 from pdm_jax.evaluation import reference_stats, scoring, store
 from pdm_jax.sampling.params import load_params
+from pdm_jax.sampling.sampler import host_indices
 from pdm_jax.weights import clip as hf_clip
 
 DEFAULT_NUM_SAMPLES = {"coco": 30_000, "synthetic": 256}
@@ -332,7 +333,7 @@ def _evaluate(
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"pdm_eval_samples_{ev.task}_{eval_dir.name}")
     t0 = time.perf_counter()
-    mine = prompts_lib.host_indices(ev.num_samples, jax.process_index(), jax.process_count())
+    mine = host_indices(ev.num_samples, jax.process_index(), jax.process_count())
     needs_map = store.has_generated_maps(config, ev)
     scores = scoring.score_samples(
         ev,

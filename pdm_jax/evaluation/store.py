@@ -19,8 +19,8 @@ from PIL import Image, PngImagePlugin
 
 from pdm_jax import sharding, specs
 from pdm_jax.data.schema import DatasetInfo
-from pdm_jax.evaluation.prompts import host_indices, inpaint_mask, upscale_mask
-from pdm_jax.sampling.sampler import Sampler
+from pdm_jax.evaluation.prompts import inpaint_mask, upscale_mask
+from pdm_jax.sampling.sampler import Sampler, host_indices
 
 MAP_TASKS = ("cogenerate", "given_image", "inpaint")  # tasks that generate a map
 

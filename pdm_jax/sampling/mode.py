@@ -15,6 +15,10 @@ Per sample it writes ``NNN_image.png``, ``NNN_map.png`` (coloured, with a legend
 category names), ``NNN_map.npy`` (raw ids), and for the run ``grid.png`` and
 ``samples.json`` (captions, seeds, files). Sample ``j`` of every prompt uses
 ``jax.random.key(sample.seed + j)``, so a sample does not depend on the batching.
+
+With several processes (``--distributed``), each samples a contiguous slice of the samples
+on its own devices and writes their files; process 0 writes ``grid.png`` and
+``samples.json`` of all of them.
 """
 
 import dataclasses
@@ -22,8 +26,10 @@ import json
 import logging
 from typing import Any
 
+import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from pdm_jax import sharding, specs, visualize
 from pdm_jax.data import pipeline
@@ -31,7 +37,7 @@ from pdm_jax.data.coco import dataset as coco_dataset
 from pdm_jax.data.schema import DatasetInfo, DataSpec
 from pdm_jax.sampling import inputs
 from pdm_jax.sampling.params import load_params
-from pdm_jax.sampling.sampler import Sampler
+from pdm_jax.sampling.sampler import Sampler, Samples, host_indices
 
 
 def dataset_info(data: DataSpec) -> DatasetInfo:
@@ -44,6 +50,28 @@ def dataset_info(data: DataSpec) -> DatasetInfo:
     if data.source == "coco" and not data.dir:
         return coco_dataset.encoder_info(data)
     return pipeline.create_source(data, "train")[1]
+
+
+def _gather(samples: Samples, n: int) -> Samples:
+    """Every process's slice of the ``n`` samples (``host_indices``), in order, on every process."""
+    if jax.process_count() == 1:
+        return samples
+    rows = -(-n // jax.process_count())  # the largest slice
+
+    def gather(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        padded = np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+        every = np.asarray(multihost_utils.process_allgather(padded))  # [P, rows, ...]
+        sizes = [len(host_indices(n, p, jax.process_count())) for p in range(len(every))]
+        return np.concatenate([part[:size] for part, size in zip(every, sizes, strict=True)])
+
+    return Samples(
+        latents=gather(samples.latents),
+        images=gather(samples.images),
+        maps=gather(samples.maps),
+        num_invalid=gather(samples.num_invalid),
+    )
 
 
 def run(config: Any, workdir: str) -> epath.Path:
@@ -63,7 +91,14 @@ def run(config: Any, workdir: str) -> epath.Path:
     prompts = inputs.read_prompts(s, info)
     captions = [p for p in prompts for _ in range(s.num_samples)]
     seeds = [s.seed + j for _ in prompts for j in range(s.num_samples)]
-    known = inputs.known_inputs(s, info, task, model.img_size, model.map_size, len(captions))
+    n, count = len(captions), jax.process_count()
+    if n < count:
+        raise ValueError(
+            f"Sample mode splits its {n} sample(s) over the {count} processes, one at least "
+            "each: pass more prompts or a larger --config.sample.num_samples."
+        )
+    mine = host_indices(n, jax.process_index(), count)  # each process samples its slice
+    known = inputs.known_inputs(s, info, task, model.img_size, model.map_size, len(mine))
     sampler = Sampler(
         model,
         run_spec.diffusion,
@@ -71,24 +106,39 @@ def run(config: Any, workdir: str) -> epath.Path:
         info,
         params,
         mesh=sharding.local_mesh(run_spec.sharding.mesh_shape, run_spec.sharding.mesh_axes),
-        batch_size=min(s.batch_size, len(captions)),
+        batch_size=min(s.batch_size, len(mine)),
     )
-    samples = sampler(seeds, captions=captions, task=task, **known)
+    samples = sampler(
+        [seeds[i] for i in mine], captions=[captions[i] for i in mine], task=task, **known
+    )
     out = epath.Path(s.out_dir or epath.Path(workdir) / f"sample_{task}_step{step}")
     out.mkdir(parents=True, exist_ok=True)
     size = max(256, samples.images.shape[1])
+    for j, k in enumerate(mine):
+        visualize.save_png(out / f"{k:03d}_image.png", visualize.upscale(samples.images[j], size))
+        if samples.maps is not None:
+            panel = visualize.map_with_legend(
+                samples.maps[j], info.category_names, info.colour_table, size=size
+            )
+            visualize.save_png(out / f"{k:03d}_map.png", panel)
+            np.save(out / f"{k:03d}_map.npy", samples.maps[j])
+    logging.info(
+        "Process %d of %d wrote samples %d..%d to %s",
+        jax.process_index(),
+        count,
+        mine[0],
+        mine[-1],
+        out,
+    )
+    samples = _gather(samples, n)
+    if jax.process_index() != 0:
+        return out  # process 0 writes the grid and the index of every process's files
     records = []
     for k, (caption, seed) in enumerate(zip(captions, seeds, strict=True)):
         rec = {"caption": caption, "seed": seed, "image": f"{k:03d}_image.png"}
-        visualize.save_png(out / rec["image"], visualize.upscale(samples.images[k], size))
         if samples.maps is not None:
             rec.update(map=f"{k:03d}_map.png", ids=f"{k:03d}_map.npy")
             rec["invalid_pixels"] = int(samples.num_invalid[k])
-            panel = visualize.map_with_legend(
-                samples.maps[k], info.category_names, info.colour_table, size=size
-            )
-            visualize.save_png(out / rec["map"], panel)
-            np.save(out / rec["ids"], samples.maps[k])
         records.append(rec)
     grid = visualize.sample_grid(
         captions, samples.images, samples.maps, info.category_names, info.colour_table

@@ -213,6 +213,17 @@ class Sampler:
         """Places ``params`` on the mesh (``param_shardings``; no copy when already so)."""
         self.params = jax.device_put(params, param_shardings(self.model, self.mesh))
 
+    def _place(self, a: np.ndarray, where: jax.sharding.NamedSharding) -> Any:
+        """A host array as the program's input.
+
+        One process: as is. Several: jit takes no numpy input with a non-trivial sharding,
+        so a ``jax.Array``, built from the full array (the same on every process for a mesh
+        that spans them, as the trainer's: all call the sampler with the same inputs).
+        """
+        if jax.process_count() == 1:
+            return a
+        return jax.make_array_from_callback(a.shape, where, lambda index: a[index])
+
     @property
     def map_side(self) -> int:
         """The model's map side f·S (0 for a U-ViT)."""
@@ -274,11 +285,14 @@ class Sampler:
             tuple(arrays[k] is not None for k in ("known_x", "known_m", "mask_x", "mask_m")),
         )
         compiled = program(spec)
-        empty = jnp.asarray(self.info.empty_context, jnp.float32)
+        batch, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        empty = self._place(np.asarray(self.info.empty_context, np.float32), replicated)
         parts = []
         for lo in range(0, n, self.batch_size):
             chunk = {
-                k: None if a is None else _pad(a[lo : lo + self.batch_size], self.batch_size)
+                k: None
+                if a is None
+                else self._place(_pad(a[lo : lo + self.batch_size], self.batch_size), batch)
                 for k, a in arrays.items()
             }
             out = compiled(
@@ -301,6 +315,22 @@ class Sampler:
             maps=None if maps is None else maps.astype(np.int32),
             num_invalid=cat("invalid"),
         )
+
+
+def host_indices(num_samples: int, process_index: int, process_count: int) -> range:
+    """The contiguous slice of ``range(num_samples)`` that one process samples.
+
+    Args:
+      num_samples: samples in all.
+      process_index: this process (``jax.process_index()``).
+      process_count: processes (``jax.process_count()``).
+
+    Returns:
+      The slice's indices; the slices of all processes partition ``range(num_samples)``
+      in order, their sizes differ by at most one.
+    """
+    bounds = np.linspace(0, num_samples, process_count + 1).round().astype(int)
+    return range(int(bounds[process_index]), int(bounds[process_index + 1]))
 
 
 def _pad(a: np.ndarray, size: int) -> np.ndarray:

@@ -16,7 +16,8 @@ Where training starts (``restore_or_initialize``), first match wins:
 A step whose files cannot be read stops the run with ``CorruptCheckpointError``, naming
 the newest intact step and the ``ckpt.resume_from`` that resumes it (rule 1).
 
-:class:`SignalGuard` turns SIGTERM/SIGINT into a flag the loop polls so it can save first.
+:class:`SignalGuard` turns SIGTERM/SIGINT into a stop at a step that every process shares,
+so the loop saves that step first.
 """
 
 import logging
@@ -89,12 +90,15 @@ def restore_or_initialize(
       workdir: the run's directory (its own checkpoints come first).
       mesh: the device mesh.
       manager: the run's manager (over ``checkpointing.checkpoint_dir(workdir)``).
-      data_iterator: restored in place when resuming.
+      data_iterator: restored in place when resuming (not with
+        ``ckpt.reset_data_position``: the caller then moves it to the step itself).
 
     Returns:
       ``(state, shardings, origin)``; ``origin`` says where the state came from.
     """
     target, shardings = abstract_train_state(config, mesh)
+    if config.ckpt.reset_data_position:
+        data_iterator = None  # the trainer takes up the data order at the step (seek)
     own_step = resume_own_step(config, workdir, manager)
     if own_step is not None:
         state = checkpointing.restore_state(
@@ -247,23 +251,60 @@ def check_frozen_image_stream(config: RunSpec, *, resuming: bool) -> None:
 
 
 class SignalGuard:
-    """Within ``with``: SIGTERM/SIGINT set ``signum`` instead of stopping the process.
+    """Within ``with``: a stop signal makes ``should_stop`` true at a step all processes share.
 
-    The training loop polls ``requested`` after each step, saves, then stops. A second
-    signal while saving falls back to the previous handler (e.g. ``KeyboardInterrupt``).
-    Outside the main thread it does nothing (signals can only be handled there).
+    The training loop asks ``should_stop(step)`` after every step; when it is true, it saves
+    that step, then stops.
+
+    * One process (no ``jax.distributed``): SIGTERM/SIGINT set a flag instead of stopping
+      the process. A second signal while saving falls back to the previous handler (e.g.
+      ``KeyboardInterrupt``). Outside the main thread it does nothing (signals can only be
+      handled there).
+    * Several processes: a per-process flag would send the processes that saw the signal
+      into the collective save while the others enter the next step's all-reduce — a hang.
+      JAX's preemption service (started by ``jax.distributed.initialize``) catches SIGTERM
+      in any process, tells every process, and agrees on one step (the largest any of them
+      has reached, plus one); ``should_stop`` is true on every process at that step
+      (``CheckpointManager.reached_preemption``). SIGTERM is left to that service; SIGINT
+      keeps Python's default (``KeyboardInterrupt``, no checkpoint).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, manager: ocp.CheckpointManager | None = None):
+        """Args:
+        manager: the run's checkpoint manager; in a multi-process run its
+          ``reached_preemption`` is the shared stop decision.
+        """
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._manager = manager
+        self.synchronized = jax.process_count() > 1
+        if self.synchronized and manager is None:
+            raise ValueError("A multi-process SignalGuard needs the run's CheckpointManager.")
 
     @property
     def requested(self) -> bool:
-        """Whether a stop signal arrived."""
+        """Whether a stop signal arrived (this process; see ``should_stop``)."""
         return self.signum is not None
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save ``step`` and stop: the same answer on every process.
+
+        Call it once per step, on every process, with increasing steps.
+        """
+        if not self.synchronized:
+            return self.requested
+        if self._manager.reached_preemption(step):
+            self.signum = signal.SIGTERM
+            logging.warning(
+                "Preemption (SIGTERM to one of the %d processes): every process saves step "
+                "%d, then stops.",
+                jax.process_count(),
+                step,
+            )
+            return True
+        return False
 
     def _handle(self, signum, frame):
         del frame
@@ -277,6 +318,8 @@ class SignalGuard:
         )
 
     def __enter__(self) -> "SignalGuard":
+        if self.synchronized:
+            return self  # SIGTERM belongs to JAX's preemption service
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -12,7 +12,8 @@
 * every ``eval_every_steps``: ``<workdir>/samples/step_<N>.png`` (caption | image | map)
   sampled with the EMA parameters;
 * every ``checkpoint_every_steps``, at the end and on SIGTERM/SIGINT: a checkpoint, saved
-  before that step's grid (a stop signal skips the grid).
+  before that step's grid (a stop signal skips the grid). With several processes, a
+  SIGTERM to any of them stops all at one shared step (``init.SignalGuard``).
 
 The host checks the losses and norms of every step before a checkpoint is written; a NaN
 or Inf stops training with ``NonFiniteLossError`` naming the step, so the last checkpoint
@@ -134,6 +135,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
         config, workdir, mesh, manager, data_iter
     )
     start = int(jax.device_get(state.step))
+    if config.ckpt.reset_data_position:
+        pipeline.seek(data_iter, start, pipeline.per_process_batch_size(t.batch_size))
+        logging.info("Data order taken up at step %d (ckpt.reset_data_position).", start)
     logging.info("Train state: %s; step %d of %d.", origin, start, t.num_train_steps)
     step_fn = step_lib.jit_train_step(config, mesh, shardings, state.params, info.empty_context)
 
@@ -169,7 +173,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
         checkpointing.save(manager, s, data_iterator=data_iter, config=config_json)
 
     try:
-        with init_lib.SignalGuard() as guard:
+        with init_lib.SignalGuard(manager) as guard:
             for step in range(start + 1, t.num_train_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = sharding.shard_batch(next(data_iter), mesh)
@@ -185,10 +189,11 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                     )
                     tick, tick_step = now, step
                     writer.write_scalars(step, summary)
+                stop = guard.should_stop(step)  # the same step on every process
                 # The step's checkpoint comes first: a failing grid loses no training.
-                if step % t.checkpoint_every_steps == 0 or last or guard.requested:
+                if step % t.checkpoint_every_steps == 0 or last or stop:
                     save(state)
-                if guard.requested:
+                if stop:
                     manager.wait_until_finished()
                     raise TrainingInterrupted(guard.signum, step, ckpt_dir)
                 if sampler is not None and (step % t.eval_every_steps == 0 or last):

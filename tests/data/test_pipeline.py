@@ -136,6 +136,41 @@ def test_loader_iterator_state_resumes_exactly():
     assert sorted(firsts.astype(int).tolist()) == list(range(40))
 
 
+def test_processes_read_their_rows_of_one_global_order():
+    def sampler(count):
+        return pipeline.GlobalOrderSampler(
+            40, global_batch_size=8, process_count=count, shuffle=True, num_epochs=2, seed=3
+        )
+
+    one, two = sampler(1), sampler(2)
+    assert len(one) == len(two) == 80  # whole global batches only
+    # grain hands process p of 2 the sampler indices p, p + 2, …; its local record i is
+    # row (i mod 4) of its half of global batch i // 4.
+    for p in range(2):
+        local = [two[p + 2 * i] for i in range(12)]  # 3 local batches of 4
+        batches = [range(k * 8 + p * 4, k * 8 + p * 4 + 4) for k in range(3)]
+        want = [one[g] for batch in batches for g in batch]
+        assert [m.record_key for m in local] == [m.record_key for m in want]
+        assert [m.rng.random() for m in local] == [m.rng.random() for m in want]
+    assert "process_count=2" in repr(two)  # grain refuses a state of another count
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        sampler(3)
+
+
+def test_seek_takes_up_the_order_after_a_number_of_batches():
+    config = _tiny_config(latent_scale=1.0)
+    config.model.update(img_size=8, map_patch_factor=1)
+    data = specs.from_config(config).data
+    loader = pipeline.create_loader(_ToySource(n=40), data, batch_size=8)
+    it = iter(loader)
+    for _ in range(7):  # across an epoch boundary
+        next(it)
+    moved = iter(loader)
+    pipeline.seek(moved, 7, 8)
+    assert moved.get_state() == it.get_state()
+    np.testing.assert_array_equal(next(moved)["latent"], next(it)["latent"])
+
+
 def test_batch_size_must_divide_over_devices():
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         pipeline.per_process_batch_size(12)
@@ -177,6 +212,9 @@ def test_worker_processes_read_the_same_records_and_resume():
     resumed = iter(loader)
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["latent"], following["latent"])
+    moved = iter(loader)  # seek knows how the workers share the batches
+    pipeline.seek(moved, 2, config.train.batch_size)
+    assert moved.get_state() == state
 
 
 def test_workers_outside_an_absl_program_are_refused_with_the_fix():

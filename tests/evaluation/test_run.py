@@ -200,13 +200,6 @@ def test_missing_checkpoint_names_the_directory(tmp_path):
         evaluate.run_evaluate(config, str(tmp_path))
 
 
-def test_host_slices_partition_the_indices():
-    for n, p in ((0, 3), (5, 8), (30_000, 7), (12, 1)):
-        slices = [eval_prompts.host_indices(n, i, p) for i in range(p)]
-        assert [i for s in slices for i in s] == list(range(n))
-        assert max(map(len, slices)) - min(map(len, slices)) <= 1
-
-
 def test_eval_settings_defaults_and_errors(tmp_path):
     config = get_config("demo,tiny=1")
     ev = evaluate.eval_settings(specs.from_config(config))

@@ -159,3 +159,10 @@ def test_bfloat16_model_keeps_known_regions_exact():
     np.testing.assert_array_equal(out.latents[:, :, : side // 2], latents[:, :, : side // 2])
     np.testing.assert_array_equal(out.maps[:, : mside // 2], ids[:, : mside // 2])
     assert not np.allclose(out.latents[:, :, side // 2 :], latents[:, :, side // 2 :])
+
+
+def test_host_slices_partition_the_indices():
+    for n, p in ((0, 3), (5, 8), (30_000, 7), (12, 1)):
+        slices = [sampler_lib.host_indices(n, i, p) for i in range(p)]
+        assert [i for s in slices for i in s] == list(range(n))
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
