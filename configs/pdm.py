@@ -9,6 +9,8 @@ Variants (the part after ``:``), each optionally followed by ``,key=value`` opti
 * ``one_stream``  one-stream PDM at U-ViT-S size (paper §3.5).
 * ``two_stream``  two-stream PDM at U-ViT-S size; the image stream is initialised from
                   ``ckpt.init_from`` (a U-ViT checkpoint) and frozen.
+* ``unet``        Stable Diffusion's UNet (``sd=1``: SD 1.x, the default; ``sd=2``: SD 2.x)
+                  on 64×64 latents; ``tiny=1`` takes a tiny UNet of the same layout.
 
 Options in the arg: ``map_patch_factor=4``, ``tiny=1`` (width 32, depth 2, 8×8 latent:
 for tests), ``given_map=1`` (the paper's "PDM given maps"). Any field can still be set
@@ -17,7 +19,10 @@ with ``--config.a.b=value``.
 
 import ml_collections
 
-VARIANTS = ("demo", "uvit", "one_stream", "two_stream")
+VARIANTS = ("demo", "uvit", "one_stream", "two_stream", "unet")
+UNET_VARIANTS = ("unet",)
+# SD UNet text features: CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) widths.
+_SD_CLIP_DIM = {"1": 768, "2": 1024}
 
 
 def _parse_arg(arg: str) -> tuple[str, dict[str, str]]:
@@ -61,6 +66,10 @@ def _base_config() -> ml_collections.ConfigDict:
     # layers' outputs: the two-stream step at batch 8 needs 5.1 instead of 8.3 GB, no slower.
     m.remat_policy = "dots"  # none | full | dots
     m.attention = "auto"  # auto (chunked on CPU, xla elsewhere) | xla | cudnn | chunked
+    # UNet variants only: the diffusers UNet config.json (sd1 | sd2 | tiny_sd1 | tiny_sd2 |
+    # a path | JSON text), and the unet_two_stream map-stream width / image-stream width.
+    m.unet_config = "sd1"
+    m.map_width_multiplier = 1.0
 
     c.diffusion = d = ml_collections.ConfigDict()
     d.beta_start = 0.00085
@@ -183,11 +192,17 @@ def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> Non
         elif key == "tiny":
             if value not in ("0", "false", "False"):
                 _make_tiny(c)
+        elif key == "sd":
+            if c.model.name not in ("unet",) or value not in _SD_CLIP_DIM:
+                raise ValueError(
+                    f"Option sd={value} needs a UNet variant and sd=1 or sd=2 (SD 1.x or 2.x)."
+                )
+            c.model.unet_config = f"sd{value}"
         elif key == "given_map":
             c.model.use_given_map = value not in ("0", "false", "False")
         else:
             raise ValueError(
-                f"Unknown config option {key!r}; known: map_patch_factor, tiny, given_map."
+                f"Unknown config option {key!r}; known: map_patch_factor, tiny, given_map, sd."
             )
 
 
@@ -246,5 +261,20 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         # The stochastic solver corrects the small model's errors instead of carrying them.
         c.sampler.update(steps=20, order=2, method="sde_multistep", clip_x0=2.0)
         c.demo.use_metrics = True
+    elif variant in UNET_VARIANTS:
+        c.model.update(name=variant, unet_config="sd1", img_size=64, remat_policy="none")
+        c.data.latent_scale = 0.18215  # the SD VAE's scale factor
     _apply_options(c, options)
+    if variant in UNET_VARIANTS:
+        _fit_unet(c, tiny=options.get("tiny", "0") not in ("0", "false", "False"))
     return c
+
+
+def _fit_unet(c: ml_collections.ConfigDict, tiny: bool) -> None:
+    """Sets the model fields a UNet fixes: text width for SD 1.x/2.x, and the tiny UNet
+    (``tiny=1``: the packaged ``tiny_sd1``/``tiny_sd2`` of the same layout, 8×8 latents)."""
+    sd = c.model.unet_config[-1]
+    if tiny:
+        c.model.update(unet_config=f"tiny_sd{sd}", clip_dim={"1": 24, "2": 40}[sd])
+    else:
+        c.model.clip_dim = _SD_CLIP_DIM[sd]

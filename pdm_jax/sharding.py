@@ -30,6 +30,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("channels", None),
     ("vocab", None),
     ("context", None),
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
 

@@ -23,18 +23,27 @@ from flax import linen as nn
 from flax import traverse_util
 
 from pdm_jax.models import attention
+from pdm_jax.models.layers import REMAT_POLICIES
 from pdm_jax.models.pdm import OneStreamPDM
-from pdm_jax.models.spec import ModelSpec
+from pdm_jax.models.spec import IMAGE_ONLY, UNET_NAMES, ModelSpec
 from pdm_jax.models.two_stream import TwoStreamPDM, is_image_stream
+from pdm_jax.models.unet import UNet2DConditionModel, UNetSpec, resolve_config
 from pdm_jax.models.uvit import UViT, UViTSpec
 
-MODELS = {"uvit": UViT, "one_stream": OneStreamPDM, "two_stream": TwoStreamPDM}
+MODELS = {
+    "uvit": UViT,
+    "one_stream": OneStreamPDM,
+    "two_stream": TwoStreamPDM,
+    "unet": UNet2DConditionModel,
+}
 
 __all__ = [
     "MODELS",
     "ModelSpec",
     "OneStreamPDM",
     "TwoStreamPDM",
+    "UNet2DConditionModel",
+    "UNetSpec",
     "UViT",
     "UViTSpec",
     "abstract_params",
@@ -69,11 +78,65 @@ def build(model_cfg: Any) -> nn.Module:
     if model_cfg.name not in MODELS:
         raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
     attention.check_implementation(model_cfg.attention, model_cfg.dtype)
+    if model_cfg.name in UNET_NAMES:
+        return _build_unet(model_cfg)
     return MODELS[model_cfg.name](
         UViTSpec.from_config(model_cfg),
         dtype=jnp.dtype(model_cfg.dtype),
         param_dtype=jnp.dtype(model_cfg.param_dtype),
     )
+
+
+def unet_spec(model_cfg: Any) -> UNetSpec:
+    """The ``UNetSpec`` of a UNet ``config.model``, checked against its other fields.
+
+    Args:
+      model_cfg: ``config.model`` with a UNet name.
+
+    Returns:
+      The topology from ``model_cfg.unet_config``.
+
+    Raises:
+      ValueError: when ``in_chans``, ``clip_dim`` or ``img_size`` do not fit the UNet.
+    """
+    spec = UNetSpec.from_diffusers(resolve_config(model_cfg.unet_config))
+    problems = []
+    if model_cfg.remat_policy not in REMAT_POLICIES:
+        problems.append(f"remat_policy={model_cfg.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if model_cfg.attention not in attention.IMPLEMENTATIONS:
+        problems.append(
+            f"attention={model_cfg.attention!r} is not one of {attention.IMPLEMENTATIONS}"
+        )
+    if int(model_cfg.in_chans) != spec.in_channels:
+        problems.append(f"in_chans={model_cfg.in_chans} but the UNet has {spec.in_channels}")
+    if int(model_cfg.clip_dim) != spec.cross_attention_dim:
+        problems.append(
+            f"clip_dim={model_cfg.clip_dim} but the UNet's cross_attention_dim is "
+            f"{spec.cross_attention_dim}"
+        )
+    if int(model_cfg.img_size) % spec.downsample_factor:
+        problems.append(
+            f"img_size={model_cfg.img_size} is not a multiple of {spec.downsample_factor} "
+            "(the UNet halves the side at each level)"
+        )
+    if problems:
+        raise ValueError(
+            "config.model does not fit model.unet_config: "
+            + "; ".join(problems)
+            + ". Set those fields (--config.model.<field>=...) to match the UNet."
+        )
+    return spec
+
+
+def _build_unet(model_cfg: Any) -> nn.Module:
+    """The UNet named by ``model_cfg.name`` (``unet`` | ``unet_one_stream`` | ...)."""
+    common = {
+        "remat_policy": str(model_cfg.remat_policy),
+        "attention": str(model_cfg.attention),
+        "dtype": jnp.dtype(model_cfg.dtype),
+        "param_dtype": jnp.dtype(model_cfg.param_dtype),
+    }
+    return MODELS[model_cfg.name](unet_spec(model_cfg), **common)
 
 
 def denoise_fn(model_cfg: Any) -> Callable:
@@ -102,7 +165,7 @@ def example_inputs(
     s, ms = spec.img_size, spec.map_size
     x = jnp.zeros((batch_size, s, s, spec.in_chans), jnp.float32)
     m = None
-    if model_cfg.name != "uvit":
+    if model_cfg.name not in IMAGE_ONLY:
         m = jnp.zeros((batch_size, ms, ms, spec.num_bits), jnp.float32)
     t = jnp.ones((batch_size,), jnp.float32)
     context = jnp.zeros((batch_size, spec.num_clip_token, spec.clip_dim), jnp.float32)
