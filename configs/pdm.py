@@ -11,6 +11,12 @@ Variants (the part after ``:``), each optionally followed by ``,key=value`` opti
                   ``ckpt.init_from`` (a U-ViT checkpoint) and frozen.
 * ``unet``        Stable Diffusion's UNet (``sd=1``: SD 1.x, the default; ``sd=2``: SD 2.x)
                   on 64×64 latents; ``tiny=1`` takes a tiny UNet of the same layout.
+* ``unet_one_stream``  one-stream PDM on the SD UNet (map bits through extra zero-init
+                  ``conv_in`` channels, a map head on the last decoder features);
+                  ``ckpt.init_from`` = a ``convert unet`` checkpoint fills the UNet.
+* ``unet_two_stream``  two-stream PDM on the SD UNet: the frozen SD UNet plus a map
+                  stream of the same topology (``model.map_width_multiplier``).
+* ``demo_unet``   tiny ``unet_one_stream`` on the synthetic world (CPU, minutes).
 
 Options in the arg: ``map_patch_factor=4``, ``tiny=1`` (width 32, depth 2, 8×8 latent:
 for tests), ``given_map=1`` (the paper's "PDM given maps"). Any field can still be set
@@ -19,8 +25,17 @@ with ``--config.a.b=value``.
 
 import ml_collections
 
-VARIANTS = ("demo", "uvit", "one_stream", "two_stream", "unet")
-UNET_VARIANTS = ("unet",)
+VARIANTS = (
+    "demo",
+    "uvit",
+    "one_stream",
+    "two_stream",
+    "unet",
+    "unet_one_stream",
+    "unet_two_stream",
+    "demo_unet",
+)
+UNET_VARIANTS = ("unet", "unet_one_stream", "unet_two_stream")
 # SD UNet text features: CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) widths.
 _SD_CLIP_DIM = {"1": 768, "2": 1024}
 
@@ -193,7 +208,7 @@ def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> Non
             if value not in ("0", "false", "False"):
                 _make_tiny(c)
         elif key == "sd":
-            if c.model.name not in ("unet",) or value not in _SD_CLIP_DIM:
+            if c.model.name not in UNET_VARIANTS or value not in _SD_CLIP_DIM:
                 raise ValueError(
                     f"Option sd={value} needs a UNet variant and sd=1 or sd=2 (SD 1.x or 2.x)."
                 )
@@ -227,7 +242,7 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
     elif variant == "two_stream":
         c.model.name = "two_stream"
         c.ckpt.freeze_image_stream = True
-    elif variant == "demo":
+    elif variant in ("demo", "demo_unet"):
         # Sized for a 2-core CPU: the whole command (train, then the held-out metrics)
         # takes minutes. Patch 4 gives 16 image + 16 map tokens.
         c.model.update(
@@ -262,11 +277,21 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         c.sampler.update(steps=20, order=2, method="sde_multistep", clip_x0=2.0)
         c.demo.use_metrics = True
     elif variant in UNET_VARIANTS:
-        c.model.update(name=variant, unet_config="sd1", img_size=64, remat_policy="none")
+        # SD latents are 64×64 (512 px); the map is 4× the latent side (256 px).
+        c.model.update(
+            name=variant, unet_config="sd1", img_size=64, map_patch_factor=4, remat_policy="none"
+        )
         c.data.latent_scale = 0.18215  # the SD VAE's scale factor
+        c.ckpt.freeze_image_stream = variant == "unet_two_stream"
+    if variant == "demo_unet":
+        # The same run on a tiny UNet (16×16 latents, two levels).
+        c.model.update(name="unet_one_stream", unet_config="demo_unet")
     _apply_options(c, options)
+    tiny = options.get("tiny", "0") not in ("0", "false", "False")
+    if variant == "demo_unet" and tiny:  # the demo's tiny sizes (8×8, 3 channels, 16-d text)
+        c.model.unet_config = "demo_unet_tiny"
     if variant in UNET_VARIANTS:
-        _fit_unet(c, tiny=options.get("tiny", "0") not in ("0", "false", "False"))
+        _fit_unet(c, tiny=tiny)
     return c
 
 

@@ -58,7 +58,7 @@ def synthetic_batch(
             np.float32
         ),
     }
-    if m.name != "uvit":
+    if m.name not in ("uvit", "unet"):
         side = m.img_size * m.map_patch_factor
         batch["map"] = rng.integers(0, 201, (batch_size, side, side)).astype(np.int32)
     return batch
@@ -95,7 +95,7 @@ def _program(
         return fn, (lambda: (holder["state"], batch)), run
     params = jax.jit(functools.partial(models.init_params, config.model))(rng)
     denoise = models.denoise_fn(config.model)
-    has_map = config.model.name != "uvit"
+    has_map = config.model.has_map
     m_t = None
     if has_map:
         side = config.model.img_size * config.model.map_patch_factor

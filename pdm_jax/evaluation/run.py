@@ -74,7 +74,7 @@ def eval_settings(config: specs.RunSpec) -> specs.EvalSpec:
     ev = config.eval
     if ev.task not in TASKS:
         raise ValueError(f"eval.task={ev.task!r} is not evaluated; choose one of {TASKS}.")
-    if ev.task == "given_map" and config.model.name == "uvit":
+    if ev.task == "given_map" and not config.model.has_map:
         raise ValueError("eval.task=given_map needs a PDM (model.name one_stream or two_stream).")
     if ev.num_samples <= 0:
         ev = dataclasses.replace(ev, num_samples=DEFAULT_NUM_SAMPLES.get(config.data.source, 1000))

@@ -22,12 +22,13 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from pdm_jax.models import attention
+from pdm_jax.models import attention, two_stream, unet_pdm
 from pdm_jax.models.layers import REMAT_POLICIES
 from pdm_jax.models.pdm import OneStreamPDM
 from pdm_jax.models.spec import IMAGE_ONLY, UNET_NAMES, ModelSpec
-from pdm_jax.models.two_stream import TwoStreamPDM, is_image_stream
+from pdm_jax.models.two_stream import TwoStreamPDM
 from pdm_jax.models.unet import UNet2DConditionModel, UNetSpec, resolve_config
+from pdm_jax.models.unet_pdm import UNetOneStreamPDM, UNetTwoStreamPDM
 from pdm_jax.models.uvit import UViT, UViTSpec
 
 MODELS = {
@@ -35,6 +36,8 @@ MODELS = {
     "one_stream": OneStreamPDM,
     "two_stream": TwoStreamPDM,
     "unet": UNet2DConditionModel,
+    "unet_one_stream": UNetOneStreamPDM,
+    "unet_two_stream": UNetTwoStreamPDM,
 }
 
 __all__ = [
@@ -43,7 +46,9 @@ __all__ = [
     "OneStreamPDM",
     "TwoStreamPDM",
     "UNet2DConditionModel",
+    "UNetOneStreamPDM",
     "UNetSpec",
+    "UNetTwoStreamPDM",
     "UViT",
     "UViTSpec",
     "abstract_params",
@@ -136,15 +141,30 @@ def _build_unet(model_cfg: Any) -> nn.Module:
         "dtype": jnp.dtype(model_cfg.dtype),
         "param_dtype": jnp.dtype(model_cfg.param_dtype),
     }
-    return MODELS[model_cfg.name](unet_spec(model_cfg), **common)
+    spec = unet_spec(model_cfg)
+    if model_cfg.name == "unet":
+        return UNet2DConditionModel(spec, **common)
+    return MODELS[model_cfg.name](
+        spec,
+        num_bits=int(model_cfg.num_bits),
+        map_patch_factor=int(model_cfg.map_patch_factor),
+        use_given_map=bool(model_cfg.use_given_map),
+        map_width_multiplier=float(model_cfg.map_width_multiplier),
+        **common,
+    )
 
 
 def denoise_fn(model_cfg: Any) -> Callable:
-    """``(params, x_t, m_t, t, context)`` → the model's outputs (``apply`` with params)."""
+    """``(params, x_t, m_t, t, context)`` → the model's outputs (``apply`` with params).
+
+    ``t`` is in the pipeline's model units (n ∈ 1..1000, ᾱ_n the n-th of the schedule);
+    the UNets take diffusers' index of the same ᾱ, n − 1, which this passes them.
+    """
     module = build(model_cfg)
+    shift = 1.0 if model_cfg.name in UNET_NAMES else 0.0
 
     def denoise(params, x_t, m_t, t, context):
-        return module.apply({"params": params}, x_t, m_t, t, context)
+        return module.apply({"params": params}, x_t, m_t, t - shift, context)
 
     return denoise
 
@@ -209,6 +229,12 @@ def param_logical_axes(model_cfg: Any) -> Params:
     """
     boxed = jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0))
     return nn.get_partition_spec(boxed)
+
+
+def is_image_stream(name: str) -> bool:
+    """Whether a top-level parameter name belongs to an image stream (a plain U-ViT's or a
+    plain UNet's names; map-stream and coupling names are neither)."""
+    return two_stream.is_image_stream(name) or unet_pdm.is_image_stream(name)
 
 
 def image_stream_mask(params: Mapping[str, Any]) -> Params:

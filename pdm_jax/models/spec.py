@@ -7,6 +7,10 @@ NAMES = ("uvit", "one_stream", "two_stream", "unet", "unet_one_stream", "unet_tw
 IMAGE_ONLY = ("uvit", "unet")
 # Stable Diffusion UNet denoisers (configured by ``unet_config``, not the U-ViT fields).
 UNET_NAMES = ("unet", "unet_one_stream", "unet_two_stream")
+# Models with a pretrained image stream that ckpt.freeze_image_stream freezes.
+TWO_STREAM_NAMES = ("two_stream", "unet_two_stream")
+# Models whose image stream ckpt.init_from can fill from a plain model's checkpoint.
+INIT_FROM_IMAGE_STREAM = ("two_stream", "unet_one_stream", "unet_two_stream")
 
 
 @dataclasses.dataclass(frozen=True)

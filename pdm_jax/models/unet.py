@@ -37,8 +37,9 @@ from pdm_jax.models.unet_blocks import (
 Array = jax.Array
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "unet_configs"
-# Packaged diffusers configs: SD 1.x (v1-5) and SD 2.x (v2-1), and two tiny test models.
-PACKAGED = ("sd1", "sd2", "tiny_sd1", "tiny_sd2")
+# Packaged diffusers configs: SD 1.x (v1-5) and SD 2.x (v2-1), two tiny test models, and
+# the synthetic-world demo UNet.
+PACKAGED = ("sd1", "sd2", "tiny_sd1", "tiny_sd2", "demo_unet", "demo_unet_tiny")
 DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
