@@ -82,3 +82,28 @@ def test_two_stream_width_multiplier_and_errors():
         jax.eval_shape(model.apply, {"params": params}, x, m[:, :8, :8], t, ctx)
     with pytest.raises(ValueError, match="needs a map input"):
         jax.eval_shape(model.apply, {"params": params}, x, None, t, ctx)
+
+
+def test_two_stream_freezes_exactly_the_sd_unet_and_init_from_merges_it():
+    from pdm_jax import specs
+    from pdm_jax.train import init as init_lib
+    from pdm_jax.train import state as state_lib
+
+    run = specs.from_config(get_config("unet_two_stream,tiny=1,map_patch_factor=1"))
+    assert run.ckpt.freeze_image_stream
+    abstract = models.abstract_params(run.model)
+    labels = traverse_util.flatten_dict(state_lib.trainable_labels(run, abstract))
+    plain = models.abstract_params(get_config("unet,tiny=1").model)
+    frozen = {p for p, label in labels.items() if label == "frozen"}
+    assert frozen == set(traverse_util.flatten_dict(plain))
+    assert any(p[0].startswith("map_") for p in labels) and any(
+        p[0].startswith("zero_convs_") for p in labels
+    )
+    # ckpt.init_from = a converted plain UNet fills the image stream of both PDMs.
+    for name in ("unet_two_stream", "unet_one_stream"):
+        run = specs.from_config(get_config(f"{name},tiny=1,map_patch_factor=1"))
+        merge = init_lib.initial_params_fn(run, plain, "sd-unet")
+        merged = jax.eval_shape(merge, jax.random.key(0), plain)
+        assert jax.tree.map(lambda a: a.shape, merged) == jax.tree.map(
+            lambda a: a.shape, models.abstract_params(run.model)
+        )
