@@ -102,9 +102,9 @@ def test_config_errors_name_the_problem():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["tiny_sd1", "tiny_sd2"])
-def test_matches_diffusers_live(name):
-    """The fixture recomputed with the installed torch + diffusers (all tensors random)."""
+def test_matches_diffusers_live(name="tiny_sd2"):
+    """The SD-2-style fixture recomputed with the installed torch + diffusers (the golden
+    files pin both layouts; this checks they still hold for the installed diffusers)."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from tests.models.make_unet_fixtures import fixture
