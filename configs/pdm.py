@@ -9,6 +9,14 @@ Variants (the part after ``:``), each optionally followed by ``,key=value`` opti
 * ``one_stream``  one-stream PDM at U-ViT-S size (paper §3.5).
 * ``two_stream``  two-stream PDM at U-ViT-S size; the image stream is initialised from
                   ``ckpt.init_from`` (a U-ViT checkpoint) and frozen.
+* ``unet``        Stable Diffusion's UNet (``sd=1``: SD 1.x, the default; ``sd=2``: SD 2.x)
+                  on 64×64 latents; ``tiny=1`` takes a tiny UNet of the same layout.
+* ``unet_one_stream``  one-stream PDM on the SD UNet (map bits through extra zero-init
+                  ``conv_in`` channels, a map head on the last decoder features);
+                  ``ckpt.init_from`` = a ``convert unet`` checkpoint fills the UNet.
+* ``unet_two_stream``  two-stream PDM on the SD UNet: the frozen SD UNet plus a map
+                  stream of the same topology (``model.map_width_multiplier``).
+* ``demo_unet``   tiny ``unet_one_stream`` on the synthetic world (CPU, minutes).
 
 Options in the arg: ``size=S|S-Deep|M|L|H`` (U-ViT's published sizes, for each stream;
 default S, the paper's), ``map_patch_factor=4``, ``tiny=1`` (width 32, depth 2, 8×8
@@ -18,7 +26,19 @@ Any field can still be set with ``--config.a.b=value``.
 
 import ml_collections
 
-VARIANTS = ("demo", "uvit", "one_stream", "two_stream")
+VARIANTS = (
+    "demo",
+    "uvit",
+    "one_stream",
+    "two_stream",
+    "unet",
+    "unet_one_stream",
+    "unet_two_stream",
+    "demo_unet",
+)
+UNET_VARIANTS = ("unet", "unet_one_stream", "unet_two_stream")
+# SD UNet text features: CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) widths.
+_SD_CLIP_DIM = {"1": 768, "2": 1024}
 
 # U-ViT's sizes (Bao et al., "All are Worth Words", CVPR 2023, Table 1: S 13 blocks ×
 # 512 wide, 8 heads, 44M; S-Deep 17 × 512, 58M; M 17 × 768, 12 heads, 131M; L 21 × 1024,
@@ -78,6 +98,10 @@ def _base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "dots"  # none | full | dots
     # auto (CPU: chunked; TPU: xla; GPU: cudnn in bf16/fp16, else xla) | xla | cudnn | chunked
     m.attention = "auto"
+    # UNet variants only: the diffusers UNet config.json (sd1 | sd2 | tiny_sd1 | tiny_sd2 |
+    # a path | JSON text), and the unet_two_stream map-stream width / image-stream width.
+    m.unet_config = "sd1"
+    m.map_width_multiplier = 1.0
 
     c.diffusion = d = ml_collections.ConfigDict()
     d.beta_start = 0.00085
@@ -225,11 +249,18 @@ def _apply_options(c: ml_collections.ConfigDict, options: dict[str, str]) -> Non
         elif key == "tiny":
             if value not in ("0", "false", "False"):
                 _make_tiny(c)
+        elif key == "sd":
+            if c.model.name not in UNET_VARIANTS or value not in _SD_CLIP_DIM:
+                raise ValueError(
+                    f"Option sd={value} needs a UNet variant and sd=1 or sd=2 (SD 1.x or 2.x)."
+                )
+            c.model.unet_config = f"sd{value}"
         elif key == "given_map":
             c.model.use_given_map = value not in ("0", "false", "False")
         else:
             raise ValueError(
-                f"Unknown config option {key!r}; known: size, map_patch_factor, tiny, given_map."
+                f"Unknown config option {key!r}; known: size, map_patch_factor, tiny, "
+                "given_map, sd."
             )
 
 
@@ -254,7 +285,7 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
     elif variant == "two_stream":
         c.model.name = "two_stream"
         c.ckpt.freeze_image_stream = True
-    elif variant == "demo":
+    elif variant in ("demo", "demo_unet"):
         # Sized for a 2-core CPU: the whole command (train, then the held-out metrics)
         # takes minutes. Patch 4 gives 16 image + 16 map tokens.
         c.model.update(
@@ -288,5 +319,30 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         # The stochastic solver corrects the small model's errors instead of carrying them.
         c.sampler.update(steps=20, order=2, method="sde_multistep", clip_x0=2.0)
         c.demo.use_metrics = True
+    elif variant in UNET_VARIANTS:
+        # SD latents are 64×64 (512 px); the map is 4× the latent side (256 px).
+        c.model.update(
+            name=variant, unet_config="sd1", img_size=64, map_patch_factor=4, remat_policy="none"
+        )
+        c.data.latent_scale = 0.18215  # the SD VAE's scale factor
+        c.ckpt.freeze_image_stream = variant == "unet_two_stream"
+    if variant == "demo_unet":
+        # The same run on a tiny UNet (16×16 latents, two levels).
+        c.model.update(name="unet_one_stream", unet_config="demo_unet")
     _apply_options(c, options)
+    tiny = options.get("tiny", "0") not in ("0", "false", "False")
+    if variant == "demo_unet" and tiny:  # the demo's tiny sizes (8×8, 3 channels, 16-d text)
+        c.model.unet_config = "demo_unet_tiny"
+    if variant in UNET_VARIANTS:
+        _fit_unet(c, tiny=tiny)
     return c
+
+
+def _fit_unet(c: ml_collections.ConfigDict, tiny: bool) -> None:
+    """Sets the model fields a UNet fixes: text width for SD 1.x/2.x, and the tiny UNet
+    (``tiny=1``: the packaged ``tiny_sd1``/``tiny_sd2`` of the same layout, 8×8 latents)."""
+    sd = c.model.unet_config[-1]
+    if tiny:
+        c.model.update(unet_config=f"tiny_sd{sd}", clip_dim={"1": 24, "2": 40}[sd])
+    else:
+        c.model.clip_dim = _SD_CLIP_DIM[sd]

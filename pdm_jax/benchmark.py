@@ -48,6 +48,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pdm_jax import models, sharding, specs
+from pdm_jax.models.spec import IMAGE_ONLY
 from pdm_jax.sampling import sampler as sampler_lib
 from pdm_jax.sampling.params import param_shardings
 from pdm_jax.train import state as state_lib
@@ -79,7 +80,7 @@ def batch_shapes(config: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct
         ),
         "context": jax.ShapeDtypeStruct((batch_size, m.num_clip_token, m.clip_dim), np.float32),
     }
-    if m.name != "uvit":
+    if m.name not in IMAGE_ONLY:
         side = m.img_size * m.map_patch_factor
         shapes["map"] = jax.ShapeDtypeStruct((batch_size, side, side), np.int32)
     return shapes
@@ -170,7 +171,7 @@ def _program(
     placed = param_shardings(config.model, mesh)
     params = jax.jit(functools.partial(models.init_params, config.model), out_shardings=placed)(rng)
     denoise = models.denoise_fn(config.model)
-    has_map = config.model.name != "uvit"
+    has_map = config.model.has_map
     m_t = None
     if has_map:
         side = config.model.img_size * config.model.map_patch_factor

@@ -17,7 +17,9 @@ def test_every_variant_converts_and_round_trips(variant):
     assert run.train.batch_size == config.train.batch_size
     assert run.data.latent_size == config.model.img_size
     assert run.data.map_size == (
-        0 if config.model.name == "uvit" else config.model.img_size * config.model.map_patch_factor
+        0
+        if config.model.name in ("uvit", "unet")
+        else config.model.img_size * config.model.map_patch_factor
     )
     assert run.data.map_pooling == config.diffusion.map_pooling
     # The groups the specs carry are the config's, field for field.
@@ -56,8 +58,8 @@ def test_unknown_missing_and_mistyped_fields_are_named():
     ):
         specs.from_config(mistyped)
     unknown_model = config.to_dict()
-    unknown_model["model"]["name"] = "unet"
-    with pytest.raises(ValueError, match="Unknown model name 'unet'"):
+    unknown_model["model"]["name"] = "vqgan"
+    with pytest.raises(ValueError, match="Unknown model name 'vqgan'"):
         specs.from_config(unknown_model)
 
 

@@ -11,8 +11,15 @@ Kinds:
   ``--model_kwargs``).
 * ``vae`` — ``autoencoder_kl.pth`` (CompVis/U-ViT naming) or a diffusers VAE directory.
 * ``clip_text`` — a local Hugging Face CLIP directory (text tower and tokenizer).
+* ``unet`` — Stable Diffusion's UNet: a diffusers ``unet/`` directory (``config.json`` +
+  ``diffusion_pytorch_model.safetensors`` or ``.bin``) or an SD single-file ``.ckpt`` /
+  ``.safetensors`` (``model.diffusion_model.*``; SD 1.x or 2.x told by its text width, or
+  ``--config=configs/pdm.py:unet,sd=2``); the result initialises a ``unet`` model or the
+  image stream of the UNet PDMs (``--config.ckpt.init_from=<output>``).
 * ``export`` — a pdm_jax checkpoint (``--input`` = workdir or step dir) to an official
-  state dict: ``.pth`` (needs the torch extra) or ``.safetensors``.
+  state dict: ``.pth`` (needs the torch extra) or ``.safetensors``; a ``unet``
+  checkpoint with an ``--output`` directory to the diffusers layout (``config.json`` +
+  ``diffusion_pytorch_model.safetensors``; no torch needed).
 
 Missing, unexpected or mis-shaped tensors fail with a list of each. Flags are absl flags
 (``--input=PATH`` or ``--input PATH``; ``--nouse_ema`` or ``--use_ema=false``), parsed into
@@ -31,14 +38,15 @@ import numpy as np
 from absl import app, flags
 
 from pdm_jax import checkpointing, paths
-from pdm_jax.convert import official
+from pdm_jax.convert import diffusers_unet, official
 from pdm_jax.weights import components
 from pdm_jax.weights.clip import _model_and_tokenizer_dirs, load_clip_text
 from pdm_jax.weights.torch_io import load_state_dict, save_safetensors
 from pdm_jax.weights.vae import load_vae
 
 PROG = "python -m pdm_jax.convert"
-KINDS = ("uvit", "pdm", "vae", "clip_text", "export")
+KINDS = ("uvit", "pdm", "vae", "clip_text", "unet", "export")
+EXPORT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _DEFAULT_VARIANT = {"uvit": "uvit"}
 
 
@@ -180,6 +188,10 @@ def convert(argv: Sequence[str] | None = None) -> str:
             )
         params = official.official_to_params(state_dict, model_cfg)
         return components.save_denoiser(args.output, params, model_cfg)
+    if args.kind == "unet":
+        model_cfg = _load_config_file(args.config).model if args.config else None
+        params, model_cfg = diffusers_unet.read_unet(args.input, model_cfg)
+        return components.save_denoiser(args.output, params, model_cfg)
     if args.kind == "vae":
         module, params = load_vae(args.input)
         components.save_component(args.output, "vae", params, module.config)
@@ -190,13 +202,13 @@ def convert(argv: Sequence[str] | None = None) -> str:
         components.save_component(args.output, "clip_text", params, module.config, tok_dir)
         return args.output
 
+    if not args.output.endswith(EXPORT_SUFFIXES):
+        return _export_unet(args)
     if not (args.config or args.model_kwargs):
         raise _usage_error(
             "export needs --config (or --model_kwargs) describing the checkpoint's model, "
             "e.g. --config=configs/pdm.py:two_stream,map_patch_factor=1"
         )
-    if not args.output.endswith((".safetensors", ".pth", ".pt")):
-        raise _usage_error("export --output must end in .pth, .pt or .safetensors")
     params, where = checkpointing.load_params(args.input, use_ema=args.use_ema)
     state = official.params_to_official(params, _model_config(args, None))
     if args.output.endswith(".safetensors"):
@@ -212,6 +224,33 @@ def convert(argv: Sequence[str] | None = None) -> str:
             {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, args.output
         )
     print(f"exported {where} -> {args.output} ({len(state)} tensors)")
+    return args.output
+
+
+def _stored_model_config(path: str) -> ml_collections.ConfigDict | None:
+    """The ``config.model`` a checkpoint step stored (``None`` if it stored none)."""
+    root, step = checkpointing.locate(path)
+    stored = root / str(step) / checkpointing.CONFIG / "metadata"
+    if not stored.exists():
+        return None
+    return ml_collections.ConfigDict(json.loads(stored.read_text()).get("model"))
+
+
+def _export_unet(args: _Args) -> str:
+    """``export`` of a ``unet`` checkpoint to a diffusers ``unet/`` directory."""
+    if args.config:
+        model_cfg = _load_config_file(args.config).model
+    else:
+        model_cfg = _stored_model_config(args.input)
+    if model_cfg is None or model_cfg.get("name") != "unet":
+        raise _usage_error(
+            "export --output must end in .pth, .pt or .safetensors, or be a directory for a "
+            "'unet' checkpoint (the diffusers layout); a unet checkpoint that stored no config "
+            "needs --config=configs/pdm.py:unet,..."
+        )
+    params, where = checkpointing.load_params(args.input, use_ema=args.use_ema)
+    diffusers_unet.write_diffusers(args.output, params, model_cfg)
+    print(f"exported {where} -> {args.output} (diffusers UNet2DConditionModel)")
     return args.output
 
 

@@ -59,7 +59,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
             f"Demo metrics need the synthetic world (data.source='synthetic'), got "
             f"{config.data.source!r}."
         )
-    if config.model.name == "uvit":
+    if not config.model.has_map:
         raise ValueError("Demo metrics need a PDM (model.name one_stream or two_stream).")
     t0 = time.perf_counter()
     workdir = epath.Path(workdir)

@@ -177,7 +177,10 @@ def eval_settings(config: specs.RunSpec) -> specs.EvalSpec:
     if ev.task not in TASKS:
         raise ValueError(f"eval.task={ev.task!r} is not evaluated; choose one of {TASKS}.")
     if ev.task in PDM_TASKS and not config.model.has_map:
-        raise ValueError(f"eval.task={ev.task} needs a PDM (model.name one_stream or two_stream).")
+        raise ValueError(
+            f"eval.task={ev.task} needs a PDM, a model that generates maps (one_stream, "
+            "two_stream, unet_one_stream or unet_two_stream)."
+        )
     if ev.task == "inpaint" and not 0.0 < ev.mask_fraction < 1.0:
         raise ValueError(f"eval.mask_fraction={ev.mask_fraction} must lie in (0, 1) for inpaint.")
     if ev.task == "given_image" and (ev.inception or ev.clip):

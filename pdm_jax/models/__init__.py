@@ -22,19 +22,33 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from pdm_jax.models import attention
+from pdm_jax.models import attention, two_stream, unet_pdm
+from pdm_jax.models.layers import REMAT_POLICIES
 from pdm_jax.models.pdm import OneStreamPDM
-from pdm_jax.models.spec import ModelSpec
-from pdm_jax.models.two_stream import TwoStreamPDM, is_image_stream
+from pdm_jax.models.spec import IMAGE_ONLY, UNET_NAMES, ModelSpec
+from pdm_jax.models.two_stream import TwoStreamPDM
+from pdm_jax.models.unet import UNet2DConditionModel, UNetSpec, resolve_config
+from pdm_jax.models.unet_pdm import UNetOneStreamPDM, UNetTwoStreamPDM
 from pdm_jax.models.uvit import UViT, UViTSpec
 
-MODELS = {"uvit": UViT, "one_stream": OneStreamPDM, "two_stream": TwoStreamPDM}
+MODELS = {
+    "uvit": UViT,
+    "one_stream": OneStreamPDM,
+    "two_stream": TwoStreamPDM,
+    "unet": UNet2DConditionModel,
+    "unet_one_stream": UNetOneStreamPDM,
+    "unet_two_stream": UNetTwoStreamPDM,
+}
 
 __all__ = [
     "MODELS",
     "ModelSpec",
     "OneStreamPDM",
     "TwoStreamPDM",
+    "UNet2DConditionModel",
+    "UNetOneStreamPDM",
+    "UNetSpec",
+    "UNetTwoStreamPDM",
     "UViT",
     "UViTSpec",
     "abstract_params",
@@ -68,6 +82,9 @@ def build(model_cfg: Any) -> nn.Module:
     """
     if model_cfg.name not in MODELS:
         raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
+    if model_cfg.name in UNET_NAMES:
+        attention.check_implementation(model_cfg.attention, model_cfg.dtype)
+        return _build_unet(model_cfg)
     attention.check_implementation(
         model_cfg.attention, model_cfg.dtype, head_dim=model_cfg.embed_dim // model_cfg.num_heads
     )
@@ -78,12 +95,79 @@ def build(model_cfg: Any) -> nn.Module:
     )
 
 
+def unet_spec(model_cfg: Any) -> UNetSpec:
+    """The ``UNetSpec`` of a UNet ``config.model``, checked against its other fields.
+
+    Args:
+      model_cfg: ``config.model`` with a UNet name.
+
+    Returns:
+      The topology from ``model_cfg.unet_config``.
+
+    Raises:
+      ValueError: when ``in_chans``, ``clip_dim`` or ``img_size`` do not fit the UNet.
+    """
+    spec = UNetSpec.from_diffusers(resolve_config(model_cfg.unet_config))
+    problems = []
+    if model_cfg.remat_policy not in REMAT_POLICIES:
+        problems.append(f"remat_policy={model_cfg.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if model_cfg.attention not in attention.IMPLEMENTATIONS:
+        problems.append(
+            f"attention={model_cfg.attention!r} is not one of {attention.IMPLEMENTATIONS}"
+        )
+    if int(model_cfg.in_chans) != spec.in_channels:
+        problems.append(f"in_chans={model_cfg.in_chans} but the UNet has {spec.in_channels}")
+    if int(model_cfg.clip_dim) != spec.cross_attention_dim:
+        problems.append(
+            f"clip_dim={model_cfg.clip_dim} but the UNet's cross_attention_dim is "
+            f"{spec.cross_attention_dim}"
+        )
+    if int(model_cfg.img_size) % spec.downsample_factor:
+        problems.append(
+            f"img_size={model_cfg.img_size} is not a multiple of {spec.downsample_factor} "
+            "(the UNet halves the side at each level)"
+        )
+    if problems:
+        raise ValueError(
+            "config.model does not fit model.unet_config: "
+            + "; ".join(problems)
+            + ". Set those fields (--config.model.<field>=...) to match the UNet."
+        )
+    return spec
+
+
+def _build_unet(model_cfg: Any) -> nn.Module:
+    """The UNet named by ``model_cfg.name`` (``unet`` | ``unet_one_stream`` | ...)."""
+    common = {
+        "remat_policy": str(model_cfg.remat_policy),
+        "attention": str(model_cfg.attention),
+        "dtype": jnp.dtype(model_cfg.dtype),
+        "param_dtype": jnp.dtype(model_cfg.param_dtype),
+    }
+    spec = unet_spec(model_cfg)
+    if model_cfg.name == "unet":
+        return UNet2DConditionModel(spec, **common)
+    return MODELS[model_cfg.name](
+        spec,
+        num_bits=int(model_cfg.num_bits),
+        map_patch_factor=int(model_cfg.map_patch_factor),
+        use_given_map=bool(model_cfg.use_given_map),
+        map_width_multiplier=float(model_cfg.map_width_multiplier),
+        **common,
+    )
+
+
 def denoise_fn(model_cfg: Any) -> Callable:
-    """``(params, x_t, m_t, t, context)`` → the model's outputs (``apply`` with params)."""
+    """``(params, x_t, m_t, t, context)`` → the model's outputs (``apply`` with params).
+
+    ``t`` is in the pipeline's model units (n ∈ 1..1000, ᾱ_n the n-th of the schedule);
+    the UNets take diffusers' index of the same ᾱ, n − 1, which this passes them.
+    """
     module = build(model_cfg)
+    shift = 1.0 if model_cfg.name in UNET_NAMES else 0.0
 
     def denoise(params, x_t, m_t, t, context):
-        return module.apply({"params": params}, x_t, m_t, t, context)
+        return module.apply({"params": params}, x_t, m_t, t - shift, context)
 
     return denoise
 
@@ -104,7 +188,7 @@ def example_inputs(
     s, ms = spec.img_size, spec.map_size
     x = jnp.zeros((batch_size, s, s, spec.in_chans), jnp.float32)
     m = None
-    if model_cfg.name != "uvit":
+    if model_cfg.name not in IMAGE_ONLY:
         m = jnp.zeros((batch_size, ms, ms, spec.num_bits), jnp.float32)
     t = jnp.ones((batch_size,), jnp.float32)
     context = jnp.zeros((batch_size, spec.num_clip_token, spec.clip_dim), jnp.float32)
@@ -148,6 +232,12 @@ def param_logical_axes(model_cfg: Any) -> Params:
     """
     boxed = jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0))
     return nn.get_partition_spec(boxed)
+
+
+def is_image_stream(name: str) -> bool:
+    """Whether a top-level parameter name belongs to an image stream (a plain U-ViT's or a
+    plain UNet's names; map-stream and coupling names are neither)."""
+    return two_stream.is_image_stream(name) or unet_pdm.is_image_stream(name)
 
 
 def image_stream_mask(params: Mapping[str, Any]) -> Params:

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pdm_jax import checkpointing, models, sharding, specs
+from pdm_jax.models.spec import INIT_FROM_IMAGE_STREAM, TWO_STREAM_NAMES
 from pdm_jax.specs import RunSpec
 from pdm_jax.train import state as state_lib
 
@@ -62,7 +63,7 @@ def initial_params_fn(config: RunSpec, loaded: Any, where: str):
     lines = checkpointing.param_mismatches(loaded, expected)
     if not lines:
         return lambda rng, p: p
-    if config.model.name == "two_stream":
+    if config.model.name in INIT_FROM_IMAGE_STREAM:
         try:
             models.merge_image_stream(expected, loaded)
         except ValueError as e:
@@ -230,7 +231,7 @@ def check_frozen_image_stream(config: RunSpec, *, resuming: bool) -> None:
         scratch (no ``ckpt.init_from``), unless ``ckpt.allow_random_frozen_stream``.
     """
     ck = config.ckpt
-    frozen = config.model.name == "two_stream" and ck.freeze_image_stream
+    frozen = config.model.name in TWO_STREAM_NAMES and ck.freeze_image_stream
     if not frozen or resuming or ck.init_from:
         return
     if ck.allow_random_frozen_stream:

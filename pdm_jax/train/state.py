@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from pdm_jax import models, sharding
+from pdm_jax.models.spec import TWO_STREAM_NAMES
 from pdm_jax.sampling.params import param_shardings
 from pdm_jax.specs import RunSpec
 
@@ -65,7 +66,7 @@ def learning_rate_schedule(config: RunSpec) -> optax.Schedule:
 
 def trainable_labels(config: RunSpec, params: Any) -> Any:
     """``"train"``/``"frozen"`` label per parameter leaf."""
-    if config.ckpt.freeze_image_stream and config.model.name == "two_stream":
+    if config.ckpt.freeze_image_stream and config.model.name in TWO_STREAM_NAMES:
         frozen = models.image_stream_mask(params)
         return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     return jax.tree.map(lambda _: "train", params)

@@ -124,7 +124,7 @@ def test_unknown_kind_exits_2_with_a_message_naming_the_kinds(tmp_path):
     result = _run_cli("bogus", "--input", "x.pth", "--output", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "error: Unknown kind 'bogus'" in result.stderr
-    assert "uvit, pdm, vae, clip_text, export" in result.stderr
+    assert "uvit, pdm, vae, clip_text, unet, export" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -329,3 +329,29 @@ def test_convert_cli_writes_a_directory_load_clip_text_reads(hf_clip_dir, tmp_pa
     np.testing.assert_array_equal(
         tokenize(tokenizer, captions, 16), tokenize(tokenizer2, captions, 16)
     )
+
+
+@pytest.mark.torch
+def test_sd2_style_text_tower_matches_transformers(hf_clip_dir, tmp_path):
+    """SD 2.x's text encoder: OpenCLIP ViT-H's tower in ``CLIPTextModel`` layout (exact
+    GELU, 1024-d there; a tiny width here) loads through the same loader."""
+    import torch
+    from transformers import CLIPTextModel as TorchCLIPTextModel
+
+    from pdm_jax.weights.clip import load_clip_text
+
+    directory, full = hf_clip_dir
+    text_config = copy.deepcopy(full.config.text_config)
+    text_config.hidden_act = "gelu"
+    torch.manual_seed(0)
+    torch_text = TorchCLIPTextModel(text_config).eval()
+    torch_text.save_pretrained(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    module, params, tokenizer = load_clip_text(tmp_path)
+    assert module.config.hidden_act == "gelu"
+    ids = _torch_ids(tokenizer)
+    with torch.no_grad():
+        ref = torch_text(input_ids=ids).last_hidden_state.numpy()
+    hidden, _ = module.apply({"params": params}, jnp.asarray(ids.numpy()))
+    assert np.abs(np.asarray(hidden) - ref).max() <= 1e-5

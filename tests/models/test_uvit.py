@@ -130,7 +130,7 @@ def test_input_errors():
     with pytest.raises(ValueError, match="t has shape"):
         jax.eval_shape(model.apply, {"params": params}, x, None, t[:1], ctx)
     with pytest.raises(ValueError, match="Unknown model name"):
-        models.build(_cfg(name="unet"))
+        models.build(_cfg(name="vqgan"))
     with pytest.raises(ValueError, match="multiple of num_heads"):
         models.build(_cfg(num_heads=5))
     with pytest.raises(ValueError, match="remat_policy"):

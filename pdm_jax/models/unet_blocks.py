@@ -1,0 +1,482 @@
+"""Building blocks of Stable Diffusion's UNet (diffusers ``UNet2DConditionModel``), NHWC.
+
+Submodule names mirror the diffusers state dict, so a checkpoint converts by a table
+(``down_blocks.0.resnets.1.conv1.weight`` ↔ ``down_blocks_0/resnets_1/conv1/kernel``):
+``ResnetBlock2D`` (``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
+``conv_shortcut``), ``Transformer2DModel`` (``norm``, ``proj_in``,
+``transformer_blocks_i``, ``proj_out``), ``BasicTransformerBlock`` (``norm1``/``attn1``,
+``norm2``/``attn2``, ``norm3``/``ff``), ``Attention`` (``to_q``, ``to_k``, ``to_v``,
+``to_out_0``), GEGLU feed-forward (``ff/net_0/proj``, ``ff/net_2``), and the samplers
+(``downsamplers_0/conv``, ``upsamplers_0/conv``).
+
+Initialisers are PyTorch's defaults (``U(±1/√fan_in)`` for Linear/Conv kernels and biases,
+norms at 1 and 0). Logical axes: conv kernels ``(None, None, "conv_in", "conv_out")``;
+attention and feed-forward kernels ``embed``/``heads``/``mlp``; feature maps are
+constrained to ``("batch", None, None, "conv_out")``, tokens to ``("batch", "length",
+"embed")``.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from pdm_jax.models.attention import dot_product_attention, resolve_implementation
+from pdm_jax.models.layers import (
+    REMAT_POLICIES,
+    Dtype,
+    constrain,
+    layer_norm,
+    torch_conv_bias_init,
+    torch_conv_kernel_init,
+)
+
+Array = jax.Array
+
+MAP_AXES = ("batch", None, None, "conv_out")
+# Transformer2DModel's GroupNorm eps is fixed in diffusers (not the UNet's norm_eps).
+TRANSFORMER_NORM_EPS = 1e-6
+
+
+def constrain_map(x: Array) -> Array:
+    """Logical sharding constraint ``(batch, None, None, conv_out)`` on an NHWC map."""
+    return nn.with_logical_constraint(x, MAP_AXES)
+
+
+def conv(
+    features: int,
+    in_features: int,
+    kernel: int,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    stride: int = 1,
+    zero_init: bool = False,
+    use_bias: bool = True,
+) -> nn.Conv:
+    """A ``Conv2d(in, out, k, stride, padding=k // 2)`` with PyTorch's initialisers.
+
+    Args:
+      features: output channels.
+      in_features: input channels (for the bias initialiser's fan-in).
+      kernel: square kernel size.
+      dtype: computation dtype.
+      param_dtype: storage dtype.
+      name: submodule name (mirrors diffusers).
+      stride: spatial stride.
+      zero_init: kernel and bias start at zero (the PDM couplings and map inputs).
+      use_bias: whether to add a bias.
+
+    Returns:
+      An unbound ``nn.Conv``.
+    """
+    pad = kernel // 2
+    kinit = nn.initializers.zeros_init() if zero_init else torch_conv_kernel_init
+    binit = (
+        nn.initializers.zeros_init()
+        if zero_init
+        else torch_conv_bias_init(in_features * kernel * kernel)
+    )
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kinit, (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(binit, ("conv_out",)),
+        name=name,
+    )
+
+
+def linear(
+    features: int,
+    in_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str,
+    use_bias: bool = True,
+) -> nn.Dense:
+    """A ``Linear(in, out)`` with PyTorch's initialisers (``U(±1/√in)``).
+
+    Args:
+      features: output width.
+      in_features: input width (for the bias initialiser).
+      axes: logical names of the kernel ``(in, out)``; the bias takes ``out``.
+      dtype: computation dtype.
+      param_dtype: storage dtype.
+      name: submodule name (mirrors diffusers).
+      use_bias: whether to add a bias.
+
+    Returns:
+      An unbound ``nn.Dense``.
+    """
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(torch_conv_kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(torch_conv_bias_init(in_features), axes[-1:]),
+        name=name,
+    )
+
+
+def group_norm(
+    groups: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str
+) -> nn.GroupNorm:
+    """``torch.nn.GroupNorm(groups, C, eps)`` (two-pass variance, as PyTorch computes it)."""
+    return nn.GroupNorm(
+        num_groups=groups,
+        epsilon=eps,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )
+
+
+def sinusoidal_embedding(
+    t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10_000
+) -> Array:
+    """diffusers' ``get_timestep_embedding``: ``ω_k = P^(−k / (half − freq_shift))``.
+
+    Args:
+      t: ``[B]`` timesteps (discrete, as diffusers takes them; fractions allowed).
+      dim: embedding width.
+      flip_sin_to_cos: ``[cos, sin]`` order if True, else ``[sin, cos]``.
+      freq_shift: diffusers' ``downscale_freq_shift``.
+      max_period: ``P``.
+
+    Returns:
+      ``[B, dim]`` float32 embedding (a zero column appended when ``dim`` is odd).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]  # [B, half]
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts, axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_1 → SiLU → linear_2`` on the sinusoidal embedding."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: Array) -> Array:
+        """``[B, C0] -> [B, features]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        h = linear(self.features, emb.shape[-1], (None, "mlp"), name="linear_1", **kw)(emb)
+        return linear(self.features, self.features, ("mlp", None), name="linear_2", **kw)(
+            nn.silu(h)
+        )
+
+
+class ResnetBlock2D(nn.Module):
+    """``x + conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb)))))``.
+
+    ``conv_shortcut`` (1×1) projects ``x`` when the channel count changes; the sum is
+    divided by ``output_scale_factor``.
+    """
+
+    out_channels: int
+    groups: int
+    eps: float
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array) -> Array:
+        """``[B, H, W, Cin], [B, Temb] -> [B, H, W, out_channels]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        c_in, c = x.shape[-1], self.out_channels
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = conv(c, c_in, 3, name="conv1", **kw)(h)
+        t = linear(c, temb.shape[-1], (None, "conv_out"), name="time_emb_proj", **kw)(nn.silu(temb))
+        h = h + t[:, None, None, :].astype(h.dtype)
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = conv(c, c, 3, name="conv2", **kw)(h)
+        if c_in != c:
+            x = conv(c, c_in, 1, name="conv_shortcut", **kw)(x)
+        return constrain_map((x + h) / self.output_scale_factor)
+
+
+def _attend(q: Array, k: Array, v: Array, implementation: str) -> Array:
+    """Attention ``[B, T, H, Dh]`` × ``[B, S, H, Dh]``; ``chunked`` needs T = S, so
+    cross-attention on CPU takes XLA's kernel (its ``[T, 77]`` logits are small)."""
+    impl = resolve_implementation(implementation, q.dtype, head_dim=q.shape[-1])
+    if impl == "chunked" and q.shape != k.shape:
+        impl = "xla"
+    return dot_product_attention(q, k, v, impl)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: ``to_q``/``to_k``/``to_v`` (no bias), ``to_out_0`` (bias).
+
+    Self-attention when ``context`` is None, else cross-attention on the context.
+    """
+
+    num_heads: int
+    head_dim: int
+    attention: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        """``[B, T, D] (, [B, S, Dc]) -> [B, T, D]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        b, length, d = x.shape
+        inner = self.num_heads * self.head_dim
+        src = x if context is None else context.astype(x.dtype)
+        kv_axes = ("embed", "heads") if context is None else (None, "heads")
+        q = linear(inner, d, ("embed", "heads"), use_bias=False, name="to_q", **kw)(x)
+        k = linear(inner, src.shape[-1], kv_axes, use_bias=False, name="to_k", **kw)(src)
+        v = linear(inner, src.shape[-1], kv_axes, use_bias=False, name="to_v", **kw)(src)
+        split = lambda a: a.reshape(b, a.shape[1], self.num_heads, self.head_dim)
+        y = _attend(split(q), split(k), split(v), self.attention)  # [B, T, H, Dh]
+        y = y.reshape(b, length, inner)
+        return linear(d, inner, ("heads", "embed"), name="to_out_0", **kw)(y)
+
+
+class GEGLU(nn.Module):
+    """``proj`` (D → 2·inner) split as (value, gate) → ``value · GELU(gate)`` (exact GELU)."""
+
+    inner: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, T, D] -> [B, T, inner]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        h = linear(2 * self.inner, x.shape[-1], ("embed", "mlp"), name="proj", **kw)(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: ``net_0`` (GEGLU, D → 4D) → ``net_2`` (4D → D)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        d = x.shape[-1]
+        inner = self.mult * d
+        y = GEGLU(inner, name="net_0", **kw)(x)
+        return linear(d, inner, ("mlp", "embed"), name="net_2", **kw)(y)
+
+
+class Resample(nn.Module):
+    """``downsamplers_0``: 3×3 conv, stride 2, padding 1; ``upsamplers_0``: nearest ×2,
+    then 3×3 conv. Submodule ``conv`` mirrors diffusers."""
+
+    up: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """``[B, H, W, C] -> [B, 2H, 2W, C]`` (up) or ``[B, H/2, W/2, C]`` (down)."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        c = x.shape[-1]
+        if self.up:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(c, c, 3, stride=1 if self.up else 2, name="conv", **kw)(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """``x += attn1(norm1 x)``; ``x += attn2(norm2 x, context)``; ``x += ff(norm3 x)``."""
+
+    num_heads: int
+    head_dim: int
+    attention: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        """``[B, T, D], [B, S, Dc] -> [B, T, D]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        akw = {"num_heads": self.num_heads, "head_dim": self.head_dim, "attention": self.attention}
+        x = x + Attention(**akw, name="attn1", **kw)(layer_norm(name="norm1", **kw)(x))
+        x = x + Attention(**akw, name="attn2", **kw)(layer_norm(name="norm2", **kw)(x), context)
+        x = x + FeedForward(name="ff", **kw)(layer_norm(name="norm3", **kw)(x))
+        return constrain(x)
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer: ``norm`` → ``proj_in`` → blocks → ``proj_out``, plus the input.
+
+    ``proj_in``/``proj_out`` are 1×1 convs (SD 1.x) or linears on the tokens
+    (``use_linear_projection``, SD 2.x); the GroupNorm eps is 1e-6 as in diffusers.
+    """
+
+    num_heads: int
+    head_dim: int
+    groups: int
+    num_layers: int = 1
+    use_linear_projection: bool = False
+    attention: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        """``[B, H, W, C], [B, S, Dc] -> [B, H, W, C]``."""
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        b, height, width, c = x.shape
+        inner = self.num_heads * self.head_dim
+        h = group_norm(self.groups, TRANSFORMER_NORM_EPS, name="norm", **kw)(x)
+        if self.use_linear_projection:
+            h = h.reshape(b, height * width, c)
+            h = linear(inner, c, (None, "embed"), name="proj_in", **kw)(h)
+        else:
+            h = conv(inner, c, 1, name="proj_in", **kw)(h).reshape(b, height * width, inner)
+        h = constrain(h)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(
+                self.num_heads,
+                self.head_dim,
+                self.attention,
+                name=f"transformer_blocks_{i}",
+                **kw,
+            )(h, context)
+        if self.use_linear_projection:
+            h = linear(c, inner, ("embed", None), name="proj_out", **kw)(h)
+            h = h.reshape(b, height, width, c)
+        else:
+            h = conv(c, inner, 1, name="proj_out", **kw)(h.reshape(b, height, width, inner))
+        return constrain_map(h + x)
+
+
+def remat_class(cls: type[nn.Module], remat_policy: str) -> type[nn.Module]:
+    """``cls`` or its rematerialised version (``none`` | ``full`` | ``dots``, as the U-ViT)."""
+    if remat_policy == "none":
+        return cls
+    if remat_policy == "full":
+        return nn.remat(cls)
+    if remat_policy == "dots":
+        return nn.remat(cls, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"Unknown remat_policy {remat_policy!r}; choose one of {REMAT_POLICIES}.")
+
+
+class UNetBlock(nn.Module):
+    """One down, mid or up block of the UNet (``kind`` ∈ down | mid | up).
+
+    * down (``CrossAttnDownBlock2D`` / ``DownBlock2D``): ``num_layers`` × (resnet
+      [+ transformer]), each output kept as a skip; then ``downsamplers_0/conv`` (3×3,
+      stride 2, padding 1), its output kept too.
+    * mid (``UNetMidBlock2DCrossAttn``): ``resnets_0``, then ``num_layers`` ×
+      (transformer, resnet).
+    * up (``CrossAttnUpBlock2D`` / ``UpBlock2D``): ``num_layers`` × (concat the last skip
+      on the channels, resnet [+ transformer]); then nearest ×2 and ``upsamplers_0/conv``.
+    """
+
+    kind: str
+    out_channels: int
+    num_layers: int
+    has_attention: bool
+    num_heads: int
+    transformer_layers: int
+    groups: int
+    eps: float
+    resample: bool
+    use_linear_projection: bool = False
+    output_scale_factor: float = 1.0
+    remat_policy: str = "none"
+    attention: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _transformer(self, name: str) -> nn.Module:
+        c = self.out_channels
+        if c % self.num_heads:
+            raise ValueError(
+                f"{self.name}: {c} channels are not divisible by {self.num_heads} attention heads "
+                "(diffusers' attention_head_dim gives the head count per block)."
+            )
+        return remat_class(Transformer2DModel, self.remat_policy)(
+            num_heads=self.num_heads,
+            head_dim=c // self.num_heads,
+            groups=self.groups,
+            num_layers=self.transformer_layers,
+            use_linear_projection=self.use_linear_projection,
+            attention=self.attention,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _resnet(self, name: str) -> nn.Module:
+        return remat_class(ResnetBlock2D, self.remat_policy)(
+            self.out_channels,
+            self.groups,
+            self.eps,
+            self.output_scale_factor,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self, x: Array, temb: Array, context: Array, skips: Sequence[Array] = ()
+    ) -> tuple[Array, list[Array]]:
+        """Runs the block.
+
+        Args:
+          x: ``[B, H, W, Cin]`` features.
+          temb: ``[B, Temb]`` time embedding.
+          context: ``[B, S, Dc]`` text features.
+          skips: up blocks: the ``num_layers`` skip maps they consume, in push order
+            (the last one is concatenated first).
+
+        Returns:
+          ``(y, new_skips)``: the block output and, for down blocks, the maps it pushes.
+        """
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        pushed: list[Array] = []
+        if self.kind == "mid":
+            x = self._resnet("resnets_0")(x, temb)
+            for i in range(self.num_layers):
+                x = self._transformer(f"attentions_{i}")(x, context)
+                x = self._resnet(f"resnets_{i + 1}")(x, temb)
+            return x, pushed
+        if self.kind == "up" and len(skips) != self.num_layers:
+            raise ValueError(f"{self.name} takes {self.num_layers} skips, got {len(skips)}.")
+        skips = list(skips)
+        for i in range(self.num_layers):
+            if self.kind == "up":
+                x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
+            x = self._resnet(f"resnets_{i}")(x, temb)
+            if self.has_attention:
+                x = self._transformer(f"attentions_{i}")(x, context)
+            pushed.append(x)
+        if self.resample:
+            name = "upsamplers_0" if self.kind == "up" else "downsamplers_0"
+            x = Resample(self.kind == "up", name=name, **kw)(x)
+            if self.kind == "down":
+                pushed.append(x)
+        return constrain_map(x), pushed
