@@ -172,13 +172,22 @@ def mesh_spec(logical: PartitionSpec | None, shape: Sequence[int], mesh: Mesh) -
       mesh: the device mesh.
 
     Returns:
-      A spec over ``mesh``'s axes; a dimension its mesh axes do not divide is replicated.
+      A spec over ``mesh``'s axes. A dimension its mesh axes do not divide is replicated,
+      except for ``fsdp``: as in big_vision's FSDP, it then moves to the largest other
+      dimension it divides that no mesh axis splits (U-ViT-H's width 1152 on 256 devices:
+      the MLP kernels still shard along their 4608 hidden units), and the tensor stays
+      whole only when none does.
     """
     if logical is None or len(logical) == 0:
         return PartitionSpec()
     names = tuple(logical) + (None,) * (len(shape) - len(logical))
     axes = nn.logical_to_mesh_axes(names, rules_for(mesh))
     out = [a if n % _axis_size(mesh, a) == 0 else None for a, n in zip(axes, shape, strict=True)]
+    if FSDP_AXIS in axes and FSDP_AXIS not in out:
+        size = _axis_size(mesh, FSDP_AXIS)
+        free = [i for i, a in enumerate(out) if a is None and shape[i] % size == 0]
+        if free:
+            out[max(free, key=lambda i: (shape[i], -i))] = FSDP_AXIS
     while out and out[-1] is None:
         out.pop()
     return PartitionSpec(*out)

@@ -141,10 +141,17 @@ def test_mesh_spec_follows_the_rules_and_replicates_what_does_not_divide():
     qkv = P("embed", None, "heads", "kv")
     assert sharding.mesh_spec(qkv, (64, 3, 8, 8), mesh) == P("fsdp", None, "tensor")
     assert sharding.mesh_spec(qkv, (64, 3, 3, 8), mesh) == P("fsdp")  # 3 heads on 2: whole
-    assert sharding.mesh_spec(qkv, (6, 3, 8, 8), mesh) == P(None, None, "tensor")
+    # fsdp that does not divide its dimension moves to the largest free one it divides.
+    assert sharding.mesh_spec(qkv, (6, 3, 8, 8), mesh) == P(None, None, "tensor", "fsdp")
+    assert sharding.mesh_spec(qkv, (6, 3, 8, 6), mesh) == P(None, None, "tensor")  # none
     assert sharding.mesh_spec(P("mlp", "embed"), (256, 64), mesh) == P("tensor", "fsdp")
     conv = P(None, None, "conv_in", "conv_out")
-    assert sharding.mesh_spec(conv, (3, 3, 8, 6), mesh) == P()  # 6 channels on 4: whole
+    assert sharding.mesh_spec(conv, (3, 3, 8, 6), mesh) == P(None, None, "fsdp")  # 6 on 4
+    assert sharding.mesh_spec(conv, (3, 3, 6, 6), mesh) == P()  # nothing divides: whole
+    # U-ViT-H on 256 devices: width 1152 does not divide, the MLP's 4608 hidden units do.
+    h256 = jax.sharding.AbstractMesh((1, 256, 1), sharding.MESH_AXES)
+    assert sharding.mesh_spec(P("embed", "mlp"), (1152, 4608), h256) == P(None, "fsdp")
+    assert sharding.mesh_spec(P("embed"), (1152,), h256) == P()
     assert sharding.mesh_spec(conv, (2, 2, 4, 64), mesh) == P(None, None, None, "fsdp")
     # An activation: the batch takes data and fsdp first, so embed stays whole.
     assert nn.logical_to_mesh_axes(("batch", "length", "embed"), sharding.rules_for(mesh)) == P(
