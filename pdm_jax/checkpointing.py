@@ -15,6 +15,7 @@ layout.
 import dataclasses
 import gc
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -194,6 +196,76 @@ def param_mismatches(found: Any, expected: Any) -> list[str]:
     return lines
 
 
+def _refines(old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """Whether ``new`` splits each dimension of ``old`` into consecutive ones (same order)."""
+    if old == new or math.prod(old) != math.prod(new):
+        return False
+    i = 0
+    for d in old:
+        size = 1
+        while i < len(new) and (size < d or (size == d and new[i] == 1 and d == 1)):
+            size *= new[i]
+            i += 1
+        if size != d:
+            return False
+    return i == len(new)
+
+
+def split_dim_leaves(found: Any, expected: Any) -> dict[str, tuple[int, ...]]:
+    """Parameters saved with dimensions that the config's layout splits into several.
+
+    Checkpoints written before the attention kernels were laid out by heads hold ``qkv``
+    as ``[D, 3D]`` and ``proj`` as ``[D, D]``; the models now keep ``[D, 3, H, Dh]`` and
+    ``[H, Dh, D]``, the same numbers in the same order, so such a checkpoint is read by a
+    reshape. Only a pure split of consecutive dimensions qualifies (never a transpose).
+
+    Args:
+      found: the checkpoint's parameter tree (arrays or metadata).
+      expected: the config's parameter tree (arrays or shape structs).
+
+    Returns:
+      ``{path: config shape}`` for each such leaf, or ``{}`` when any other difference
+      exists (then ``param_mismatches`` tells).
+    """
+    a, b = _flat_shapes(found), _flat_shapes(expected)
+    if a.keys() != b.keys():
+        return {}
+    split = {k: b[k] for k in a if a[k] != b[k]}
+    if not all(_refines(a[k], new) for k, new in split.items()):
+        return {}
+    return split
+
+
+def reshape_split_leaves(params: Any, expected: Any, where: str) -> Any:
+    """``params`` with each leaf the config splits (``split_dim_leaves``) reshaped to it.
+
+    Paths that only one side has are left as they are (a U-ViT read into a two-stream
+    model's image stream); other differences stay for ``param_mismatches`` to report.
+
+    Args:
+      params: host parameter tree read from a checkpoint.
+      expected: the config's parameter tree (shape structs).
+      where: the checkpoint, for the log line.
+
+    Returns:
+      The tree, unchanged when nothing needs a reshape.
+    """
+    a, b = _flat_shapes(params), _flat_shapes(expected)
+    split = {k: b[k] for k in a.keys() & b.keys() if _refines(a[k], b[k])}
+    if not split:
+        return params
+    logging.info(
+        "%s: %d parameter(s) saved in the flat attention layout, reshaped to the heads layout "
+        "(%s, ...).",
+        where,
+        len(split),
+        next(iter(split)),
+    )
+    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    flat = {k: (np.reshape(v, split[k]) if k in split else v) for k, v in flat.items()}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def mismatch_error(where: str, lines: list[str], model_name: str) -> ConfigMismatchError:
     """The error for a checkpoint whose parameters differ from the config (``lines``)."""
     shown = lines[:40] + ([f"... and {len(lines) - 40} more"] if len(lines) > 40 else [])
@@ -237,10 +309,12 @@ def restore_state(
     read_all = lambda s: read_state_on_host(manager, s)
     tree = _read_or_raise_corrupt(manager, step, lambda s: _state_tree(manager, s), fix, read_all)
     lines = param_mismatches(tree.get("params", {}), target.params)
-    if lines:
+    split = split_dim_leaves(tree.get("params", {}), target.params)
+    if lines and not split:
         raise mismatch_error(where, lines, model_name)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+    stored = _stored_layout(target, tree.get("params", {}), split) if split else target
+    restore_args = ocp.checkpoint_utils.construct_restore_args(stored)
+    item = ocp.args.PyTreeRestore(item=stored, restore_args=restore_args)
     args = ocp.args.Composite(**{STATE: item})
     restored, e = try_read(lambda s: manager.restore(s, args=args), step)
     if e is not None:
@@ -271,7 +345,44 @@ def restore_state(
                 ) from e
         else:
             logging.warning("Checkpoint %s has no data item; the data order restarts.", where)
+    if split:
+        logging.info(
+            "%s: %d parameter(s) (and their EMA and optimizer moments) saved in the flat "
+            "attention layout, reshaped to the heads layout.",
+            where,
+            len(split),
+        )
+        return jax.tree.map(
+            lambda x, t: (
+                x if x.shape == t.shape else jax.device_put(x.reshape(t.shape), t.sharding)
+            ),
+            restored[STATE],
+            target,
+        )
     return restored[STATE]
+
+
+def _stored_layout(target: Any, stored_params: Any, split: Mapping[str, tuple[int, ...]]) -> Any:
+    """``target`` with the split leaves (params, EMA, moments) at their stored shapes.
+
+    A leaf mirrors a split parameter when its trailing dict keys are the parameter's path
+    and its shape is the config's; it is read whole (replicated) and reshaped afterwards.
+    """
+    old = {k: v for k, v in _flat_shapes(stored_params).items() if k in split}
+
+    def layout(path, t):
+        keys = "/".join(
+            str(e.key)
+            for e in path
+            if isinstance(e, jax.tree_util.DictKey)  # dict keys (optax states: attributes)
+        )
+        for k, new in split.items():
+            if (keys == k or keys.endswith("/" + k)) and tuple(t.shape) == tuple(new):
+                whole = NamedSharding(t.sharding.mesh, PartitionSpec())
+                return jax.ShapeDtypeStruct(old[k], t.dtype, sharding=whole)
+        return t
+
+    return jax.tree_util.tree_map_with_path(layout, target)
 
 
 # The option that resumes a checkpoint without its saved data position.

@@ -15,6 +15,7 @@ import pytest
 
 from configs import pdm as pdm_configs
 from pdm_jax import checkpointing, models, sharding, specs
+from pdm_jax.sampling import params as sampling_params
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import trainer
@@ -233,3 +234,45 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(tmp_path):
     state = checkpointing.restore_state(manager, step, target, config.model.name)
     assert int(state.step) == step
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _flat_attention_layout(path, x):
+    """A leaf as checkpoints before the heads layout stored it: qkv [D, 3D], proj [D, D]."""
+    keys = "/".join(str(e.key) for e in path if isinstance(e, jax.tree_util.DictKey))
+    if keys.endswith("attn/qkv/kernel"):
+        return np.reshape(x, (x.shape[0], -1))
+    if keys.endswith("attn/qkv/bias"):
+        return np.reshape(x, (-1,))
+    if keys.endswith("attn/proj/kernel"):
+        return np.reshape(x, (-1, x.shape[-1]))
+    return x
+
+
+def test_checkpoints_in_the_flat_attention_layout_still_load(tmp_path):
+    # Written before qkv/proj were laid out by heads: same numbers, flat dims. Resuming
+    # (params, EMA and Adam moments), sampling's loader and init_from reshape them.
+    config = _config("one_stream,tiny=1")
+    spec = specs.from_config(config)
+    mesh = sharding.create_mesh((1, 4, 2))
+    state, _ = state_lib.create_train_state(spec, jax.random.key(0), mesh)
+    host = jax.device_get(state)
+    legacy = jax.tree_util.tree_map_with_path(_flat_attention_layout, host)
+    qkv = legacy.params["in_blocks_0"]["attn"]["qkv"]["kernel"]
+    assert qkv.ndim == 2  # the layout under test really is the old one
+    saved_states.save_state(tmp_path, legacy, config)
+
+    target, _ = init_lib.abstract_train_state(spec, mesh)
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path), read_only=True)
+    restored = checkpointing.restore_state(manager, 0, target, "one_stream")
+    chex.assert_trees_all_equal(jax.device_get(restored), host)
+    kernel = restored.params["in_blocks_0"]["attn"]["qkv"]["kernel"]
+    assert kernel.sharding == target.params["in_blocks_0"]["attn"]["qkv"]["kernel"].sharding
+
+    loaded, _ = sampling_params.load_params(
+        str(tmp_path), -1, False, spec.model, step_flag="--config.sample.step"
+    )
+    chex.assert_trees_all_equal(loaded, host.params)
+    # A transpose is never taken for a split: other shape changes are still refused.
+    bad = jax.tree.map(np.copy, legacy.params)
+    bad["in_blocks_0"]["attn"]["proj"]["kernel"] = np.zeros((32, 16), np.float32)
+    assert checkpointing.split_dim_leaves(bad, target.params) == {}

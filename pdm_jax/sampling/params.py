@@ -55,7 +55,9 @@ def load_params(
     params, where = checkpointing.load_params(
         root / str(step), use_ema=use_ema, fix=f"Rerun with {step_flag}={{step}}"
     )
-    lines = checkpointing.param_mismatches(params, models.abstract_params(model))
+    expected = models.abstract_params(model)
+    params = checkpointing.reshape_split_leaves(params, expected, where)
+    lines = checkpointing.param_mismatches(params, expected)
     if lines:
         raise checkpointing.mismatch_error(where, lines, model.name)
     return params, step

@@ -123,6 +123,9 @@ def restore_or_initialize(
             config.ckpt.use_ema_for_init,
             fix="Rerun with --config.ckpt.init_from={path}",
         )
+        loaded = checkpointing.reshape_split_leaves(
+            loaded, models.abstract_params(config.model), where
+        )
         params_fn = initial_params_fn(config, loaded, where)
 
         def init(r, p):
