@@ -29,14 +29,28 @@ of each collective op in the compiled HLO); ``--nocompile`` gives the state alon
 seconds. The state is abstract (shapes and shardings), so planning a 256-chip model
 allocates nothing. XLA:CPU's buffer assignment and fusion
 differ from a TPU's or GPU's: temporaries are an estimate, the state exact.
+
+``--reference=diffusers`` (``--what=denoise`` of a plain ``unet`` config, torch extra):
+after our run, diffusers' PyTorch ``UNet2DConditionModel`` (the same ``unet_config``,
+float32, its own random weights) runs the same shapes in a fresh process (so its peak RSS
+is its own) with the same warm-up and repeats; the record gains ``reference`` (its
+``median_s``, ``min_s``, ``peak_memory_bytes``, ``torch_threads``), ``time_ratio`` (our
+median / its median) and ``memory_ratio`` (our peak / its peak)::
+
+    python -m pdm_jax.benchmark --config=configs/pdm.py:unet,sd=1 --what=denoise \
+        --batch_size=2 --reference=diffusers
 """
 
 import dataclasses
 import functools
+import importlib.util
 import json
+import pathlib
 import re
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +63,7 @@ from ml_collections import config_flags
 
 from pdm_jax import models, sharding, specs
 from pdm_jax.models.spec import IMAGE_ONLY
+from pdm_jax.models.unet import resolve_config as resolve_unet_config
 from pdm_jax.sampling import sampler as sampler_lib
 from pdm_jax.sampling.params import param_shardings
 from pdm_jax.train import state as state_lib
@@ -189,6 +204,66 @@ def _program(
     seeds = jax.device_put(np.arange(batch_size, dtype=np.uint32), sharding.batch_sharding(mesh))
     args = (params, seeds, batch["context"], empty, None, None, None, None)
     return fn, (lambda: args), (lambda compiled: compiled(*args))
+
+
+REFERENCES = ("none", "diffusers")
+
+
+def diffusers_reference(
+    config: Any, batch_size: int, repeats: int = 5, warmup: int = 1
+) -> dict[str, Any]:
+    """Times diffusers' PyTorch ``UNet2DConditionModel`` forward on the denoise shapes.
+
+    Runs ``pdm_jax/torch_reference.py`` in a fresh process (no JAX in it), so that
+    its peak RSS is PyTorch's own.
+
+    Args:
+      config: a run spec (or config) of the plain ``unet`` model.
+      batch_size: the batch.
+      repeats: timed calls.
+      warmup: untimed calls after the first.
+
+    Returns:
+      ``{"median_s", "min_s", "peak_memory_bytes", "peak_memory_source", "torch_threads",
+      "diffusers_unet_params"}``.
+
+    Raises:
+      ValueError: for a model other than the plain UNet, or without torch and diffusers.
+      RuntimeError: when the reference process fails (with its stderr).
+    """
+    config = specs.as_run_spec(config)
+    m = config.model
+    if m.name != "unet":
+        raise ValueError(
+            f"--reference=diffusers compares the plain SD UNet (configs/pdm.py:unet,...), "
+            f"not model {m.name!r}."
+        )
+    missing = [name for name in ("torch", "diffusers") if importlib.util.find_spec(name) is None]
+    if missing:  # checked here: the child's traceback would be less clear
+        raise ValueError(
+            f"--reference=diffusers needs torch and diffusers (the torch extra); missing: "
+            f"{', '.join(missing)}."
+        )
+    request = {
+        "unet_config": resolve_unet_config(m.unet_config),
+        "latent": [batch_size, m.in_chans, m.img_size, m.img_size],
+        "context": [batch_size, m.num_clip_token, m.clip_dim],
+        "timestep": 499,  # our t = 500 (the denoise benchmark's) is diffusers' index 499
+        "warmup": warmup,
+        "repeats": repeats,
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(pathlib.Path(__file__).with_name("torch_reference.py")),
+            json.dumps(request),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode:
+        raise RuntimeError(f"The diffusers reference failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _peak_memory(device: jax.Device) -> tuple[int, str]:
@@ -398,6 +473,12 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
         ),
         "repeats": flags.DEFINE_integer("repeats", 5, "Timed repeats after the warm-up."),
         "warmup": flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation."),
+        "reference": flags.DEFINE_enum(
+            "reference",
+            "none",
+            list(REFERENCES),
+            "denoise of a plain unet only: also time diffusers' PyTorch UNet on the same shapes.",
+        ),
     }
 
 
@@ -406,6 +487,14 @@ def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
     del argv
     values = {name: holder.value for name, holder in defined.items()}
     num_devices, compile_step = values.pop("devices"), values.pop("compile")
+    reference = values.pop("reference")
+    if reference != "none" and (
+        values["what"] != "denoise" or values["config"].model.name != "unet"
+    ):
+        raise app.UsageError(
+            "--reference=diffusers times diffusers' UNet forward: it needs --what=denoise and a "
+            "plain UNet config (configs/pdm.py:unet,sd=1)."
+        )
     if values["what"] == "plan":
         if num_devices is not None:
             use_fake_cpu_devices(num_devices)
@@ -415,7 +504,24 @@ def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
             raise app.UsageError("--devices and --nocompile are for --what=plan only.")
         sharding.setup_cpu_devices(values["config"], values["batch_size"])
         record = run_benchmark(**values)
+        if reference == "diffusers":
+            record = with_reference(
+                record,
+                diffusers_reference(
+                    values["config"], values["batch_size"], values["repeats"], values["warmup"]
+                ),
+            )
     print(json.dumps(record))
+
+
+def with_reference(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the reference's figures and our/its time and memory ratios."""
+    return {
+        **record,
+        "reference": reference,
+        "time_ratio": record["median_s"] / reference["median_s"],
+        "memory_ratio": record["peak_memory_bytes"] / reference["peak_memory_bytes"],
+    }
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import pdm as pdm_configs
 from pdm_jax import benchmark, models, sharding
-from tests.cli import REPO
+from tests.cli import REPO, cpu_env
 
 
 @pytest.mark.parametrize("what", ["train_step", "denoise", "sample"])
@@ -160,3 +160,42 @@ def test_fake_devices_after_backends_exist_is_an_error():
     jax.devices()
     with pytest.raises(RuntimeError, match="already initialised"):
         benchmark.use_fake_cpu_devices(4)
+
+
+@pytest.mark.torch
+def test_denoise_against_diffusers_reports_the_ratio(tmp_path):
+    pytest.importorskip("diffusers")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdm_jax.benchmark",
+            "--config=configs/pdm.py:unet,tiny=1",
+            "--what=denoise",
+            "--batch_size=2",
+            "--repeats=2",
+            "--warmup=0",
+            "--reference=diffusers",
+        ],
+        cwd=REPO,
+        env=cpu_env(),  # the process's own devices, not the tests' 8
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    ref = record["reference"]
+    # The same UNet on the diffusers side: its parameter count is ours.
+    config = pdm_configs.get_config("unet,tiny=1")
+    assert ref["diffusers_unet_params"] == models.count_params(models.abstract_params(config.model))
+    assert ref["median_s"] > 0 and ref["peak_memory_bytes"] > 0
+    # Its own peak (VmHWM of the fresh process), not the ru_maxrss it inherits from ours.
+    assert ref["peak_memory_source"] == "process_vmhwm"
+    assert ref["peak_memory_bytes"] != record["peak_memory_bytes"]
+    assert record["time_ratio"] == pytest.approx(record["median_s"] / ref["median_s"])
+    assert record["memory_ratio"] == pytest.approx(
+        record["peak_memory_bytes"] / ref["peak_memory_bytes"]
+    )
+    with pytest.raises(ValueError, match="compares the plain SD UNet"):
+        benchmark.diffusers_reference(pdm_configs.get_config("unet_one_stream,tiny=1"), 2)

@@ -259,11 +259,12 @@ def _fill(tree: Any, value: bool) -> Any:
 
 
 def merge_image_stream(params: Mapping[str, Any], uvit_params: Mapping[str, Any]) -> Params:
-    """Replaces the image stream of ``params`` by a plain U-ViT's parameters.
+    """Replaces the image stream of ``params`` by a plain U-ViT's (or SD UNet's) parameters.
 
     Args:
       params: PDM parameters (typically two-stream).
-      uvit_params: parameters of a plain U-ViT of the same size.
+      uvit_params: parameters of a plain U-ViT of the same size (for a UNet PDM: of the
+        plain UNet of the same ``unet_config``).
 
     Returns:
       A new tree: ``params`` with every image-stream entry taken from ``uvit_params``.
@@ -274,19 +275,28 @@ def merge_image_stream(params: Mapping[str, Any], uvit_params: Mapping[str, Any]
     ours = {k for k in params if is_image_stream(k)}
     a = traverse_util.flatten_dict({k: params[k] for k in ours}, sep="/")
     b = traverse_util.flatten_dict(dict(uvit_params), sep="/")
-    problems = [f"missing from uvit_params: {k}" for k in sorted(a.keys() - b.keys())]
+    unet = "conv_in" in params  # the SD UNet's image stream (a UNet PDM)
+    other = "the UNet checkpoint" if unet else "uvit_params"
+    problems = [f"missing from {other}: {k}" for k in sorted(a.keys() - b.keys())]
     problems += [f"not in the image stream of params: {k}" for k in sorted(b.keys() - a.keys())]
     problems += [
-        f"{k}: shape {np.shape(a[k])} in params vs {np.shape(b[k])} in uvit_params"
+        f"{k}: shape {np.shape(a[k])} in params vs {np.shape(b[k])} in {other}"
         for k in sorted(a.keys() & b.keys())
         if np.shape(a[k]) != np.shape(b[k])
     ]
     if problems:
-        raise ValueError(
-            "The U-ViT parameters do not fit the image stream (same img_size, patch_size, "
-            "embed_dim, depth, clip and mlp_time_embed settings needed):\n  "
-            + "\n  ".join(problems)
-        )
+        if unet:
+            what = (
+                "The UNet checkpoint does not fit the image stream (model.unet_config must "
+                "describe the checkpoint's UNet: same block_out_channels, layers_per_block, "
+                "attention heads, cross_attention_dim and in/out channels)"
+            )
+        else:
+            what = (
+                "The U-ViT parameters do not fit the image stream (same img_size, patch_size, "
+                "embed_dim, depth, clip and mlp_time_embed settings needed)"
+            )
+        raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
     return {k: (uvit_params[k] if k in ours else v) for k, v in params.items()}
 
 

@@ -283,3 +283,29 @@ def test_corrupt_inputs_stop_or_are_skipped_and_listed(encoders, tmp_path):
     source = coco_source.CocoSource(out, "val")
     assert [source.record(i)["image_id"] for i in range(len(source))] == [1, 2, 3]
     assert json.loads(json.dumps(meta)) == records.read_metadata(out, "val")
+
+
+def test_resolution_512_writes_64_latents_and_maps_f_times_64(tree, encoders, tmp_path):
+    # Stable Diffusion's size: 512-px crops → 64×64 latents; maps at f × 64, f = 1, 2, 4.
+    vae, text = encoders
+    vae512 = coco_encoders.VaeMoments(vae.module, vae.params, batch_size=2, image_size=512)
+    options = prepare_coco.PrepareOptions(records_per_shard=2, resolution=512)
+    assert options.map_sizes == (64, 128, 256)
+    with pytest.raises(ValueError, match=r"encoder takes 256-px images but --resolution=512"):
+        _prepare(tree, str(tmp_path / "mixed"), (vae, text), options=options)
+    out = str(tmp_path / "out")
+    meta = _prepare(tree, out, (vae512, text), options=options)["metadata"]
+    assert meta["image_size"] == 512 and meta["latent_shape"] == [64, 64, 4]
+    assert meta["map_sizes"] == [64, 128, 256] and meta["counts"]["records"] == 3
+    rec = coco_source.CocoSource(out, "val").record(0)
+    assert rec["mean"].shape == rec["logvar"].shape == (64, 64, 4)
+    for side in (64, 128, 256):
+        assert rec[f"map_{side}"].shape == (side, side)
+    # Each map is min-pooled from the same 512 map: the coarser ones are pools of the finer.
+    fine = rec["map_256"]
+    np.testing.assert_array_equal(rec["map_128"], fine.reshape(128, 2, 128, 2).min(axis=(1, 3)))
+    np.testing.assert_array_equal(rec["map_64"], fine.reshape(64, 4, 64, 4).min(axis=(1, 3)))
+    image = coco.load_image(os.path.join(tree, "val2017", "000000000001.jpg"), 512)[0]
+    np.testing.assert_allclose(rec["mean"], vae512(image[None])[0][0], atol=1e-5)
+    with pytest.raises(ValueError, match=r"--resolution=384 is not supported; choose 256 .* 512"):
+        prepare_coco.PrepareOptions(resolution=384)

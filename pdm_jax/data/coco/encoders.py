@@ -86,12 +86,21 @@ class VaeMoments:
     encoder compiles once.
     """
 
-    def __init__(self, module: Any, params: Any, *, batch_size: int = 8, path: str = ""):
+    def __init__(
+        self,
+        module: Any,
+        params: Any,
+        *,
+        batch_size: int = 8,
+        path: str = "",
+        image_size: int = coco.IMAGE_SIZE,
+    ):
         """Args:
         module: a ``pdm_jax.models.vae.AutoencoderKL``.
         params: its parameters.
         batch_size: images per device call (rounded up to the local device count).
         path: checkpoint path, recorded in the identity.
+        image_size: side of the images it encodes (256, or 512 for SD's 64×64 latents).
         """
         self._encode = vae.encode_moments
         self.module = module
@@ -99,7 +108,9 @@ class VaeMoments:
         self.batch_size = _round_up(batch_size, ndev)
         self.params = jax.device_put(params, replicated)
         cfg = module.config
-        side = coco.IMAGE_SIZE // cfg.downsample_factor
+        coco.check_resolution(image_size)
+        self.image_size = image_size
+        side = image_size // cfg.downsample_factor
         self.latent_shape = (side, side, cfg.latent_channels)
         self.scale_factor = float(cfg.scale_factor)
         self.identity = {

@@ -43,6 +43,35 @@ from pdm_jax.diffusion import maps
 SPLITS = ("train", "val")
 IMAGE_SIZE = 256
 MAP_SIZES = (32, 64, 128)
+# Image sides prepare_coco writes: 256 (U-ViT, 32×32 latents), 512 (Stable Diffusion, 64×64).
+RESOLUTIONS = (256, 512)
+
+
+def map_sizes_for(resolution: int) -> tuple[int, ...]:
+    """The default map sides of ``resolution``: f × the latent side (resolution / 8), f = 1, 2, 4.
+
+    Args:
+      resolution: the image side, one of ``RESOLUTIONS``.
+
+    Returns:
+      ``(32, 64, 128)`` for 256, ``(64, 128, 256)`` for 512.
+
+    Raises:
+      ValueError: an unsupported resolution.
+    """
+    check_resolution(resolution)
+    return tuple(resolution // 8 * f for f in (1, 2, 4))
+
+
+def check_resolution(resolution: int) -> None:
+    """Raises a ValueError naming the choices when ``resolution`` is not supported."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(
+            f"--resolution={resolution} is not supported; choose 256 (U-ViT: 32×32 latents) or "
+            "512 (Stable Diffusion's UNet: 64×64 latents)."
+        )
+
+
 NUM_IDS = 256  # ids are stored as uint8: COCO panoptic ids are 0..200
 VOID = 0
 
@@ -318,6 +347,7 @@ def load_example(
     entry: ImageEntry,
     map_sizes: Sequence[int] = MAP_SIZES,
     pooling: str = "min",
+    resolution: int = IMAGE_SIZE,
 ) -> dict[str, Any]:
     """Decodes one image and its maps.
 
@@ -327,16 +357,17 @@ def load_example(
       entry: the image's :class:`ImageEntry`.
       map_sizes: map sides to produce.
       pooling: map pooling.
+      resolution: image side (the map is resized to it, then pooled to ``map_sizes``).
 
     Returns:
-      ``{"image": uint8 [256, 256, 3], "maps": {side: uint8 [side, side]}}``.
+      ``{"image": uint8 [R, R, 3], "maps": {side: uint8 [side, side]}}``, R = resolution.
 
     Raises:
       CorruptFileError: an unreadable image or PNG, or a PNG whose size differs.
     """
     paths = split_paths(coco_dir, split)
-    image, size = load_image(os.path.join(paths["images"], entry.file_name))
+    image, size = load_image(os.path.join(paths["images"], entry.file_name), resolution)
     ids = load_category_map(
-        os.path.join(paths["panoptic_pngs"], entry.panoptic_file), entry.segments, size
+        os.path.join(paths["panoptic_pngs"], entry.panoptic_file), entry.segments, size, resolution
     )
     return {"image": image, "maps": map_pyramid(ids, map_sizes, pooling)}

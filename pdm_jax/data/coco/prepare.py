@@ -5,7 +5,9 @@ r"""COCO 2017 panoptic + captions → ArrayRecord training data (VAE moments, CL
 
 Per image (see :mod:`pdm_jax.data.coco.panoptic` for crop, resize and map rules): VAE moments of
 the 256×256 crop (our Flax VAE, jitted, fixed batch), the CLIP context of every caption (our
-Flax CLIP text tower, batched), the captions, and category maps at 32, 64 and 128. The
+Flax CLIP text tower, batched), the captions, and category maps at 32, 64 and 128. With
+``--resolution=512`` (Stable Diffusion's UNet) the crop is 512×512 (64×64 latents) and the
+maps are 64, 128 and 256 (f × 64 for f = 1, 2, 4). The
 empty caption's context is written once per output directory. Format and record schema:
 :mod:`pdm_jax.data.coco.records`.
 
@@ -52,17 +54,23 @@ class PrepareOptions:
 
     Attributes:
       records_per_shard: images per ArrayRecord file.
-      map_sizes: map sides written (``map_<m>`` keys).
+      map_sizes: map sides written (``map_<m>`` keys); None: f × the latent side
+        (``panoptic.map_sizes_for(resolution)``).
       map_pooling: ``min`` | ``min_nonvoid`` | ``mode``.
       context_dtype: storage dtype of contexts (float16 halves the disk).
+      resolution: image side, 256 (U-ViT) or 512 (Stable Diffusion: 64×64 latents).
     """
 
     records_per_shard: int = 256
-    map_sizes: tuple[int, ...] = coco.MAP_SIZES
+    map_sizes: tuple[int, ...] | None = None
     map_pooling: str = "min"
     context_dtype: str = "float16"
+    resolution: int = coco.IMAGE_SIZE
 
     def __post_init__(self):
+        coco.check_resolution(self.resolution)
+        if self.map_sizes is None:
+            object.__setattr__(self, "map_sizes", coco.map_sizes_for(self.resolution))
         if self.records_per_shard < 1:
             raise ValueError("--records_per_shard must be at least 1.")
         if self.map_pooling not in maps.POOLINGS:
@@ -70,8 +78,8 @@ class PrepareOptions:
         if self.context_dtype not in CONTEXT_DTYPES:
             raise ValueError(f"--context_dtype must be one of {CONTEXT_DTYPES}.")
         for m in self.map_sizes:
-            if coco.IMAGE_SIZE % m:
-                raise ValueError(f"Map side {m} does not divide {coco.IMAGE_SIZE}.")
+            if self.resolution % m:
+                raise ValueError(f"Map side {m} does not divide --resolution={self.resolution}.")
 
 
 def _settings(
@@ -85,7 +93,7 @@ def _settings(
     settings["map_sizes"] = list(options.map_sizes)
     settings.update(
         num_files=n,
-        image_size=coco.IMAGE_SIZE,
+        image_size=options.resolution,
         latent_shape=list(image_encoder.latent_shape),
         vae=dict(image_encoder.identity, scale_factor=float(image_encoder.scale_factor)),
         text_encoder=dict(text_encoder.identity),
@@ -223,7 +231,7 @@ def _finalize(
         "skipped_no_panoptic": list(index.skipped_no_panoptic),
         "skipped_no_captions": list(index.skipped_no_captions),
         "bad_files": bad,
-        "image_size": coco.IMAGE_SIZE,
+        "image_size": settings["image_size"],
         "latent_shape": settings["latent_shape"],
         "context_shape": markers[0]["context_shape"],
         "map_sizes": settings["map_sizes"],
@@ -278,6 +286,12 @@ def prepare(
     """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
+    encoder_size = getattr(image_encoder, "image_size", options.resolution)
+    if encoder_size != options.resolution:
+        raise ValueError(
+            f"The image encoder takes {encoder_size}-px images but --resolution="
+            f"{options.resolution}; build it with image_size={options.resolution}."
+        )
     index = coco.build_index(coco_dir, split)
     n = options.records_per_shard
     num_files = max(1, math.ceil(len(index.entries) / n))
@@ -298,7 +312,9 @@ def prepare(
 
     mine = [i for i in range(num_files) if i % num_shards == shard_index]
     todo = [i for i in mine if names[i] not in done]
-    load = lambda e: coco.load_example(coco_dir, split, e, options.map_sizes, options.map_pooling)
+    load = lambda e: coco.load_example(
+        coco_dir, split, e, options.map_sizes, options.map_pooling, options.resolution
+    )
     encode = lambda batch: _encode_batch(batch, image_encoder, text_encoder, options)
     total = sum(len(index.entries[i * n : (i + 1) * n]) for i in mine)
     progress = tqdm.tqdm(
@@ -363,11 +379,24 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool(
         "skip_bad", False, "Skip unreadable files (listed in the metadata).", flag_values=fv
     )
+    flags.DEFINE_integer(
+        "resolution",
+        coco.IMAGE_SIZE,
+        "Image side: 256 (U-ViT, 32×32 latents) or 512 (Stable Diffusion, 64×64 latents).",
+        flag_values=fv,
+    )
     flags.DEFINE_enum(
-        "map_pooling", "min", list(maps.POOLINGS), "Pooling of the 256 map.", flag_values=fv
+        "map_pooling",
+        "min",
+        list(maps.POOLINGS),
+        "Pooling of the full-resolution map.",
+        flag_values=fv,
     )
     flags.DEFINE_list(
-        "map_sizes", [str(m) for m in coco.MAP_SIZES], "Map sides to store.", flag_values=fv
+        "map_sizes",
+        [],
+        "Map sides to store (default: 1, 2 and 4 × the latent side, e.g. 32,64,128 at 256).",
+        flag_values=fv,
     )
     flags.DEFINE_enum(
         "context_dtype", "float16", list(CONTEXT_DTYPES), "Context storage dtype.", flag_values=fv
@@ -396,6 +425,10 @@ def main(argv: Sequence[str]) -> None:
         if not getattr(flags.FLAGS, name):
             raise app.UsageError(f"--{name} is required.")
         setattr(flags.FLAGS, name, paths.resolve(getattr(flags.FLAGS, name)))  # relative, ~
+    try:
+        coco.check_resolution(flags.FLAGS.resolution)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     dtype = jnp.dtype(flags.FLAGS.compute_dtype)
     module, params = vae_convert.load_vae(flags.FLAGS.vae, dtype=dtype)
     if flags.FLAGS.scale_factor is not None:
@@ -403,7 +436,11 @@ def main(argv: Sequence[str]) -> None:
             config=dataclasses.replace(module.config, scale_factor=flags.FLAGS.scale_factor)
         )
     image_encoder = encoders.VaeMoments(
-        module, params, batch_size=flags.FLAGS.batch_size, path=flags.FLAGS.vae
+        module,
+        params,
+        batch_size=flags.FLAGS.batch_size,
+        path=flags.FLAGS.vae,
+        image_size=flags.FLAGS.resolution,
     )
     text_module, text_params, tokenizer = hf_clip.load_clip_text(flags.FLAGS.clip, dtype=dtype)
     text_encoder = encoders.ClipContexts(
@@ -415,9 +452,10 @@ def main(argv: Sequence[str]) -> None:
     )
     options = PrepareOptions(
         records_per_shard=flags.FLAGS.records_per_shard,
-        map_sizes=tuple(int(m) for m in flags.FLAGS.map_sizes),
+        map_sizes=tuple(int(m) for m in flags.FLAGS.map_sizes) or None,
         map_pooling=flags.FLAGS.map_pooling,
         context_dtype=flags.FLAGS.context_dtype,
+        resolution=flags.FLAGS.resolution,
     )
     try:
         result = prepare(

@@ -1,0 +1,61 @@
+"""Every sampling task through the ``Sampler`` on the tiny one- and two-stream UNet PDMs."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs.pdm import get_config
+from pdm_jax import sharding, specs
+from pdm_jax.data import pipeline
+from pdm_jax.sampling import sampler as sampler_lib
+from tests.models.test_unet_pdm import _random
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["unet_one_stream", "unet_two_stream"])
+def test_every_task_on_a_unet_pdm_keeps_what_it_is_given(name):
+    config = get_config(f"{name},tiny=1")
+    config.data.update(source="synthetic", num_workers=0, num_records=16)
+    config.sampler.update(steps=2, order=2)
+    run = specs.from_config(config)
+    _, info = pipeline.create_source(run.data, "held_out")
+    mesh = sharding.create_mesh((1,), (sharding.DATA_AXIS,), jax.devices()[:1])
+    sampler = sampler_lib.Sampler(
+        run.model, run.diffusion, run.sampler, info, _random(run.model, 0), mesh=mesh, batch_size=2
+    )
+    side, mside, chans = run.model.img_size, sampler.map_side, run.model.in_chans
+    assert mside == run.model.map_patch_factor * side
+    rng = np.random.default_rng(0)
+    contexts = np.asarray(info.encode_text(list(info.eval_prompts)[:2]))
+    latents = rng.standard_normal((2, side, side, chans)).astype(np.float32)
+    ids = rng.choice(sorted(info.category_names), (2, mside, mside)).astype(np.int32)
+
+    co = sampler([0, 1], contexts=contexts, task="cogenerate")
+    assert co.latents.shape == (2, side, side, chans) and co.maps.shape == (2, mside, mside)
+    assert np.isfinite(co.latents).all() and set(np.unique(co.maps)) <= set(info.category_names)
+    assert not np.allclose(co.latents[0], co.latents[1])
+
+    given_map = sampler([0, 1], contexts=contexts, task="given_map", known_maps=ids)
+    np.testing.assert_array_equal(given_map.maps, ids)
+    assert np.isfinite(given_map.latents).all()
+
+    given_image = sampler([0, 1], contexts=contexts, task="given_image", known_latents=latents)
+    np.testing.assert_array_equal(given_image.latents, latents)
+    assert given_image.maps.shape == (2, mside, mside)
+
+    mask_x = np.zeros((2, side, side, 1), np.float32)
+    mask_x[:, :, : side // 2] = 1.0
+    mask_m = np.zeros((2, mside, mside, 1), np.float32)
+    mask_m[:, : mside // 2] = 1.0
+    out = sampler(
+        [0, 1],
+        contexts=contexts,
+        task="inpaint",
+        known_latents=latents,
+        known_maps=ids,
+        mask_x=mask_x,
+        mask_m=mask_m,
+    )
+    np.testing.assert_array_equal(out.latents[:, :, : side // 2], latents[:, :, : side // 2])
+    np.testing.assert_array_equal(out.maps[:, : mside // 2], ids[:, : mside // 2])
+    assert not np.allclose(out.latents[:, :, side // 2 :], latents[:, :, side // 2 :])
