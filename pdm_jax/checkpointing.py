@@ -493,10 +493,12 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 
 
 class _UnretrievedReadErrors(logging.Filter):
-    """Drops asyncio's "Future exception was never retrieved" reports of failed reads."""
+    """Drops asyncio's "Future/Task exception was never retrieved" reports of failed reads."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Future exception was never retrieved")
+        return not record.getMessage().startswith(
+            ("Future exception was never retrieved", "Task exception was never retrieved")
+        )
 
 
 _UNRETRIEVED = _UnretrievedReadErrors()
@@ -509,8 +511,8 @@ def try_read(read: Callable[[int], Any], step: int) -> tuple[Any, Exception | No
     errors. The error comes back without its traceback, and the reads it left pending
     inside orbax are collected here with Python's "Exception ignored in <coroutine>"
     reports of them silenced: the error already says what failed. Futures that orbax still
-    holds may only be collected at exit; asyncio's "Future exception was never retrieved"
-    reports of them are dropped too, from the first failed read on.
+    holds may only be collected at exit; asyncio's "Future (or Task) exception was never
+    retrieved" reports of them are dropped too, from the first failed read on.
     """
     previous = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: None
