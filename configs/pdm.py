@@ -135,8 +135,11 @@ def _base_config() -> ml_collections.ConfigDict:
     o.b1 = 0.9
     o.b2 = 0.9
     o.warmup_steps = 5000
-    o.decay = "constant"  # constant (official) | cosine (to final_lr_fraction at the last step)
+    # constant (official) | cosine (to final_lr_fraction at the last step) | wsd (constant,
+    # then linear to final_lr_fraction over the last decay_fraction of the steps)
+    o.decay = "constant"
     o.final_lr_fraction = 0.0
+    o.decay_fraction = 0.2
     o.grad_clip_norm = 0.0  # 0 disables clipping (the official recipe does not clip)
     o.ema_decay = 0.9999
 

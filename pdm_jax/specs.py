@@ -65,6 +65,7 @@ class OptimizerSpec:
     warmup_steps: int
     decay: str
     final_lr_fraction: float
+    decay_fraction: float
     grad_clip_norm: float
     ema_decay: float
 

@@ -60,24 +60,35 @@ def torch_conv_bias_init(fan_in: int) -> Callable[..., Array]:
     return init
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = MAX_PERIOD) -> Array:
-    """Sinusoidal timestep embedding ``[cos(t·ω_k), sin(t·ω_k)]``, ``ω_k = P^(-k/half)``.
+def timestep_embedding(
+    t: Array,
+    dim: int,
+    max_period: float = MAX_PERIOD,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+) -> Array:
+    """Sinusoidal timestep embedding ``[cos(t·ω_k), sin(t·ω_k)]``, ``ω_k = P^(-k/(half - s))``.
 
-    Matches the official ``timestep_embedding`` (float32 frequencies, cosine half first,
-    a zero column appended when ``dim`` is odd).
+    With the defaults it matches the official U-ViT ``timestep_embedding`` (float32
+    frequencies, cosine half first); ``flip_sin_to_cos`` and ``freq_shift`` (``s``) give
+    diffusers' ``get_timestep_embedding`` for the UNets. A zero column is appended when
+    ``dim`` is odd.
 
     Args:
       t: ``[B]`` timesteps in model units (n ∈ 1..1000; fractional values allowed).
       dim: embedding width.
       max_period: ``P``, sets the lowest frequency.
+      flip_sin_to_cos: ``[cos, sin]`` order if True, else ``[sin, cos]``.
+      freq_shift: diffusers' ``downscale_freq_shift``.
 
     Returns:
       ``[B, dim]`` float32 embedding.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]  # [B, half]
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]  # [B, half]
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts, axis=-1)
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb

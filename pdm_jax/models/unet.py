@@ -24,14 +24,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pdm_jax.models.layers import Dtype
+from pdm_jax.models.layers import Dtype, timestep_embedding
 from pdm_jax.models.unet_blocks import (
     TimestepEmbedding,
     UNetBlock,
     constrain_map,
     conv,
     group_norm,
-    sinusoidal_embedding,
 )
 
 Array = jax.Array
@@ -393,7 +392,9 @@ def embed_input(
       ``(h [B, H, W, C0], temb [B, 4·C0])``.
     """
     c0 = channels(spec, width)[0]
-    emb = sinusoidal_embedding(t, c0, spec.flip_sin_to_cos, spec.freq_shift).astype(kw["dtype"])
+    emb = timestep_embedding(
+        t, c0, flip_sin_to_cos=spec.flip_sin_to_cos, freq_shift=spec.freq_shift
+    ).astype(kw["dtype"])
     temb = TimestepEmbedding(4 * c0, name=f"{prefix}time_embedding", **kw)(emb)
     h = conv(c0, x.shape[-1], 3, name=f"{prefix}conv_in", **kw)(x)
     return constrain_map(h), temb

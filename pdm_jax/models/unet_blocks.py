@@ -16,7 +16,6 @@ constrained to ``("batch", None, None, "conv_out")``, tokens to ``("batch", "len
 "embed")``.
 """
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -143,31 +142,6 @@ def group_norm(
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
         name=name,
     )
-
-
-def sinusoidal_embedding(
-    t: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10_000
-) -> Array:
-    """diffusers' ``get_timestep_embedding``: ``ω_k = P^(−k / (half − freq_shift))``.
-
-    Args:
-      t: ``[B]`` timesteps (discrete, as diffusers takes them; fractions allowed).
-      dim: embedding width.
-      flip_sin_to_cos: ``[cos, sin]`` order if True, else ``[sin, cos]``.
-      freq_shift: diffusers' ``downscale_freq_shift``.
-      max_period: ``P``.
-
-    Returns:
-      ``[B, dim]`` float32 embedding (a zero column appended when ``dim`` is odd).
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]  # [B, half]
-    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
-    emb = jnp.concatenate(parts, axis=-1)
-    if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-    return emb
 
 
 class TimestepEmbedding(nn.Module):

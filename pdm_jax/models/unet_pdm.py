@@ -95,6 +95,14 @@ class _MapPDM(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def _inputs(self, x_t: Array, m_t: Array, t: Array, context: Array) -> tuple[dict, dict, Array]:
+        """Checks the inputs; returns the dtype kwargs, the block kwargs and the context."""
+        check_unet_inputs(self.spec, x_t, t, context)
+        _check_map(self.spec, x_t, m_t, self.map_patch_factor, self.num_bits)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        common = {"remat_policy": self.remat_policy, "attention": self.attention, **kw}
+        return kw, common, context.astype(self.dtype)
+
     def _map_head(self, g: Array, m_t: Array, kw: dict, prefix: str) -> Array:
         """``conv_norm_out`` → SiLU → ``conv_out`` → depth-to-space → tanh (or the given map)."""
         f = self.map_patch_factor
@@ -120,11 +128,7 @@ class UNetOneStreamPDM(_MapPDM):
           ``(eps [B, H, W, C], map0 [B, f·H, f·W, bits])``, float32.
         """
         spec, f = self.spec, self.map_patch_factor
-        check_unet_inputs(spec, x_t, t, context)
-        _check_map(spec, x_t, m_t, f, self.num_bits)
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        common = {"remat_policy": self.remat_policy, "attention": self.attention, **kw}
-        context = context.astype(self.dtype)
+        kw, common, context = self._inputs(x_t, m_t, t, context)
         h, temb = embed_input(spec, x_t, t, kw)
         bits = space_to_depth(m_t.astype(self.dtype), f)
         c0, cin = spec.block_out_channels[0], f * f * self.num_bits
@@ -154,12 +158,8 @@ class UNetTwoStreamPDM(_MapPDM):
           ``(eps [B, H, W, C], map0 [B, f·H, f·W, bits])``, float32.
         """
         spec, f, w = self.spec, self.map_patch_factor, self.map_width_multiplier
-        check_unet_inputs(spec, x_t, t, context)
-        _check_map(spec, x_t, m_t, f, self.num_bits)
+        kw, common, context = self._inputs(x_t, m_t, t, context)
         check_width(spec, w)
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        common = {"remat_policy": self.remat_policy, "attention": self.attention, **kw}
-        context = context.astype(self.dtype)
         h, temb = embed_input(spec, x_t, t, kw)
         g, temb_map = embed_input(
             spec, space_to_depth(m_t.astype(self.dtype), f), t, kw, prefix="map_", width=w

@@ -34,17 +34,20 @@ class TrainState:
     rng: jax.Array
 
 
-LR_DECAYS = ("constant", "cosine")
+LR_DECAYS = ("constant", "cosine", "wsd")
 
 
 def learning_rate_schedule(config: RunSpec) -> optax.Schedule:
     """Linear warm-up from 0 over ``optim.warmup_steps``, then ``optim.decay``.
 
     ``constant`` is the official recipe. ``cosine`` anneals from the peak to
-    ``optim.final_lr_fraction`` × peak at ``train.num_train_steps``.
+    ``optim.final_lr_fraction`` × peak at ``train.num_train_steps``. ``wsd``
+    (warm-up, stable, decay; Hägele et al. 2024) holds the peak, then decays linearly to
+    ``optim.final_lr_fraction`` × peak over the last ``optim.decay_fraction`` of the steps.
 
     Args:
-      config: the run's spec (``optim``, and ``train.num_train_steps`` for ``cosine``).
+      config: the run's spec (``optim``, and ``train.num_train_steps`` for ``cosine`` and
+        ``wsd``).
 
     Returns:
       step → learning rate.
@@ -57,6 +60,19 @@ def learning_rate_schedule(config: RunSpec) -> optax.Schedule:
     elif decay == "cosine":
         span = max(int(config.train.num_train_steps) - warmup, 1)
         after = optax.cosine_decay_schedule(peak, span, alpha=float(o.final_lr_fraction))
+    elif decay == "wsd":
+        if not 0.0 < float(o.decay_fraction) <= 1.0:
+            raise ValueError(
+                f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1]: the share of the "
+                "steps over which optim.decay=wsd decays the learning rate."
+            )
+        steps = int(config.train.num_train_steps)
+        tail = max(round(float(o.decay_fraction) * steps), 1)
+        stable = max(steps - tail - warmup, 0)
+        final = peak * float(o.final_lr_fraction)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, final, tail)], [stable]
+        )
     else:
         raise ValueError(f"Unknown optim.decay {decay!r}; choose one of {LR_DECAYS}.")
     if warmup == 0:

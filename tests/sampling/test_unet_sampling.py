@@ -9,6 +9,7 @@ from pdm_jax import sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.sampling import sampler as sampler_lib
 from tests.models.test_unet_pdm import _random
+from tests.sampling.known import inpaint_left_or_top_half, known_inputs
 
 
 @pytest.mark.slow
@@ -25,10 +26,7 @@ def test_every_task_on_a_unet_pdm_keeps_what_it_is_given(name):
     )
     side, mside, chans = run.model.img_size, sampler.map_side, run.model.in_chans
     assert mside == run.model.map_patch_factor * side
-    rng = np.random.default_rng(0)
-    contexts = np.asarray(info.encode_text(list(info.eval_prompts)[:2]))
-    latents = rng.standard_normal((2, side, side, chans)).astype(np.float32)
-    ids = rng.choice(sorted(info.category_names), (2, mside, mside)).astype(np.int32)
+    contexts, latents, ids = known_inputs(sampler, info)
 
     co = sampler([0, 1], contexts=contexts, task="cogenerate")
     assert co.latents.shape == (2, side, side, chans) and co.maps.shape == (2, mside, mside)
@@ -43,19 +41,4 @@ def test_every_task_on_a_unet_pdm_keeps_what_it_is_given(name):
     np.testing.assert_array_equal(given_image.latents, latents)
     assert given_image.maps.shape == (2, mside, mside)
 
-    mask_x = np.zeros((2, side, side, 1), np.float32)
-    mask_x[:, :, : side // 2] = 1.0
-    mask_m = np.zeros((2, mside, mside, 1), np.float32)
-    mask_m[:, : mside // 2] = 1.0
-    out = sampler(
-        [0, 1],
-        contexts=contexts,
-        task="inpaint",
-        known_latents=latents,
-        known_maps=ids,
-        mask_x=mask_x,
-        mask_m=mask_m,
-    )
-    np.testing.assert_array_equal(out.latents[:, :, : side // 2], latents[:, :, : side // 2])
-    np.testing.assert_array_equal(out.maps[:, : mside // 2], ids[:, : mside // 2])
-    assert not np.allclose(out.latents[:, :, side // 2 :], latents[:, :, side // 2 :])
+    inpaint_left_or_top_half(sampler, contexts, latents, ids)

@@ -218,6 +218,18 @@ def test_learning_rate_schedules():
         1e-3 * (0.1 + 0.9 * (1 + np.cos(np.pi * (s - 10) / 100)) / 2) for s in (10, 35, 60, 110)
     ]
     np.testing.assert_allclose([cosine(s) for s in (5, 10, 35, 60, 110)], [5e-4, *want], rtol=1e-6)
+    c.optim.update(decay="wsd", final_lr_fraction=0.0, decay_fraction=0.2)
+    wsd = state_lib.learning_rate_schedule(specs.from_config(c))
+    # Warm-up to step 10, the peak until step 110 − 0.2 · 110 = 88, then linear to 0 at 110.
+    np.testing.assert_allclose(
+        [wsd(s) for s in (5, 10, 60, 88, 99, 110, 120)],
+        [5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 0.0, 0.0],
+        rtol=1e-6,
+        atol=1e-12,
+    )
+    c.optim.decay_fraction = 0.0
+    with pytest.raises(ValueError, match=r"optim\.decay_fraction=0\.0 must lie in"):
+        state_lib.learning_rate_schedule(specs.from_config(c))
     c.optim.decay = "linear"
     with pytest.raises(ValueError, match=r"optim\.decay"):
         state_lib.learning_rate_schedule(specs.from_config(c))
