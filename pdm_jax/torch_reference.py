@@ -5,31 +5,18 @@ fresh process that imports nothing of JAX, so that its peak RSS is PyTorch's alo
 argument is ``{"unet_config": <diffusers config dict>, "latent": [B, C, H, W], "context":
 [B, T, D], "timestep": int, "warmup": int, "repeats": int}``; the last line printed is the
 JSON record ``{"median_s", "min_s", "peak_memory_bytes", "peak_memory_source",
-"torch_threads", "diffusers_unet_params"}``.
+"run_peak_memory_bytes", "torch_threads", "diffusers_unet_params"}``: the process's peak
+RSS, and its peak over the timed calls alone (the peak is reset after the warm-up; None
+where the system cannot reset it).
 """
 
 import json
-import resource
 import statistics
 import sys
 import time
 from typing import Any
 
-
-def _peak_rss() -> dict[str, Any]:
-    """This process's peak RSS. Linux keeps ``ru_maxrss`` across ``execve`` (a child
-    started by a large process inherits its figure), so ``VmHWM`` of the new address space
-    is read where there is one."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    kib = int(line.split()[1])
-                    return {"peak_memory_bytes": kib * 1024, "peak_memory_source": "process_vmhwm"}
-    except OSError:
-        pass
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_memory_bytes": usage, "peak_memory_source": "process_rss"}
+from pdm_jax.process_memory import peak_rss, reset_peak_rss
 
 
 def time_diffusers_unet(request: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +39,8 @@ def time_diffusers_unet(request: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         for _ in range(1 + request["warmup"]):  # the first call is not timed (as ours)
             net(x, t, encoder_hidden_states=context)
+        process_peak, source = peak_rss()
+        run_peak = reset_peak_rss()
         times = []
         for _ in range(request["repeats"]):
             t0 = time.perf_counter()
@@ -60,7 +49,9 @@ def time_diffusers_unet(request: dict[str, Any]) -> dict[str, Any]:
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
-        **_peak_rss(),
+        "peak_memory_bytes": max(process_peak, peak_rss()[0]),
+        "peak_memory_source": source,
+        "run_peak_memory_bytes": peak_rss()[0] if run_peak else None,
         "torch_threads": torch.get_num_threads(),
         "diffusers_unet_params": sum(p.numel() for p in net.parameters()),
     }
