@@ -65,7 +65,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pdm_jax import models, process_memory, sharding, specs
-from pdm_jax.models.spec import IMAGE_ONLY
+from pdm_jax.models.spec import IMAGE_ONLY, UNET_NAMES
 from pdm_jax.models.unet import resolve_config as resolve_unet_config
 from pdm_jax.sampling import sampler as sampler_lib
 from pdm_jax.sampling.params import param_shardings
@@ -388,11 +388,16 @@ def plan(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     m = config.model
+    # A UNet's size is its unet_config; embed_dim and depth are the U-ViT's.
+    size = (
+        {"unet_config": m.unet_config}
+        if m.name in UNET_NAMES
+        else {"embed_dim": m.embed_dim, "depth": m.depth}
+    )
     record = {
         "what": "plan",
         "model": m.name,
-        "embed_dim": m.embed_dim,
-        "depth": m.depth,
+        **size,
         "num_params": models.count_params(state.params),
         "dtype": m.dtype,
         "batch_size": batch_size,

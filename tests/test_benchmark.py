@@ -131,6 +131,15 @@ def test_plan_data_parallel_vs_fsdp():
         assert fsdp["collectives"]["all-gather"] == 0
 
 
+def test_plan_names_a_unets_size_by_its_config():
+    config = pdm_configs.get_config("unet_two_stream,tiny=1")
+    record = benchmark.plan(config, batch_size=8, compile_step=False)
+    assert record["unet_config"] == "tiny_sd1" and "embed_dim" not in record
+    assert record["num_params"] == models.count_params(models.abstract_params(config.model))
+    uvit = benchmark.plan(pdm_configs.get_config("uvit,tiny=1"), batch_size=8, compile_step=False)
+    assert (uvit["embed_dim"], uvit["depth"]) == (32, 2) and "unet_config" not in uvit
+
+
 def test_plan_command_makes_its_own_devices():
     # The test session has 8 devices; --devices=2 must give the plan a 2-device mesh.
     result = subprocess.run(
