@@ -482,8 +482,9 @@ def test_sweep_writes_a_table_with_every_cell(synthetic_run):
     finally:
         config.eval.update(**old)
     cells = [(r["method"], r["order"], r["nfe"]) for r in table["cells"]]
-    # The cells in the order given, at the demo's order 2 (its sampler: sde_multistep, NFE 4).
-    assert cells == [("sde_multistep", 2, 4), ("sde_multistep", 2, 2), ("fast", 2, 2)]
+    # The cells in the order given, at the config's sampler order (the demo's: 1).
+    order = config.sampler.order
+    assert cells == [("sde_multistep", order, 4), ("sde_multistep", order, 2), ("fast", order, 2)]
     eval_dir = workdir / "eval" / "0"
     assert json.loads((eval_dir / "sweep_given_image.json").read_text()) == table
     md = (eval_dir / "sweep_given_image.md").read_text().splitlines()
