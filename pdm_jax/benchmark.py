@@ -269,11 +269,12 @@ def diffusers_reference(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _peak_memory(device: jax.Device) -> tuple[int, str]:
+def _device_peak(device: jax.Device) -> tuple[int, str] | None:
+    """The device allocator's peak, where the backend reports one (accelerators)."""
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device"
-    return process_memory.peak_rss()
+    return None
 
 
 def _flops_per_device(compiled: jax.stages.Compiled) -> tuple[float | None, int]:
@@ -319,20 +320,16 @@ def run_benchmark(
     flops, num_devices = _flops_per_device(compiled)
     for _ in range(warmup):
         jax.block_until_ready(run(compiled))
-    process_peak, _ = process_memory.peak_rss()
-    run_peak = process_memory.reset_peak_rss()  # from here: the timed calls' own peak
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(compiled))
-        times.append(time.perf_counter() - t0)
+    with process_memory.phase_peak() as rss:  # the timed calls' own peak RSS
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(compiled))
+            times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     device = (list(devices) if devices else jax.devices())[0]
-    peak, peak_source = _peak_memory(device)
-    if peak_source == "process_vmhwm":
-        peak, run_peak = max(peak, process_peak), peak if run_peak else None
-    else:
-        run_peak = None
+    peak, peak_source = _device_peak(device) or (rss.process_bytes, rss.source)
+    run_peak = rss.phase_bytes if peak_source == rss.source else None
     record = {
         "what": what,
         "model": config.model.name,

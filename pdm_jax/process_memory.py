@@ -4,7 +4,10 @@ Imports nothing of JAX: ``pdm_jax/torch_reference.py`` uses it in a process that
 PyTorch alone.
 """
 
+import contextlib
+import dataclasses
 import resource
+from collections.abc import Iterator
 
 
 def peak_rss() -> tuple[int, str]:
@@ -36,3 +39,30 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+@dataclasses.dataclass
+class PhasePeak:
+    """What :func:`phase_peak` measured: the process's peak RSS from its start
+    (``process_bytes``), the peak of the enclosed phase alone (``phase_bytes``; None where
+    the peak cannot be reset) and where they were read (``source``)."""
+
+    process_bytes: int = 0
+    phase_bytes: int | None = None
+    source: str = ""
+
+
+@contextlib.contextmanager
+def phase_peak() -> Iterator[PhasePeak]:
+    """Measures the peak RSS of the enclosed code, and the process's peak from its start.
+
+    The peak is reset on entry (:func:`reset_peak_rss`), so the code before it (set-up,
+    compilation, warm-up) counts only in ``process_bytes``. The fields are filled on exit.
+    """
+    before, source = peak_rss()
+    reset = reset_peak_rss()
+    result = PhasePeak(source=source)
+    yield result
+    after, _ = peak_rss()
+    result.process_bytes = max(before, after)
+    result.phase_bytes = after if reset else None

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from pdm_jax.process_memory import peak_rss, reset_peak_rss
+from pdm_jax.process_memory import phase_peak
 
 
 def time_diffusers_unet(request: dict[str, Any]) -> dict[str, Any]:
@@ -39,19 +39,18 @@ def time_diffusers_unet(request: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         for _ in range(1 + request["warmup"]):  # the first call is not timed (as ours)
             net(x, t, encoder_hidden_states=context)
-        process_peak, source = peak_rss()
-        run_peak = reset_peak_rss()
         times = []
-        for _ in range(request["repeats"]):
-            t0 = time.perf_counter()
-            net(x, t, encoder_hidden_states=context)
-            times.append(time.perf_counter() - t0)
+        with phase_peak() as rss:
+            for _ in range(request["repeats"]):
+                t0 = time.perf_counter()
+                net(x, t, encoder_hidden_states=context)
+                times.append(time.perf_counter() - t0)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
-        "peak_memory_bytes": max(process_peak, peak_rss()[0]),
-        "peak_memory_source": source,
-        "run_peak_memory_bytes": peak_rss()[0] if run_peak else None,
+        "peak_memory_bytes": rss.process_bytes,
+        "peak_memory_source": rss.source,
+        "run_peak_memory_bytes": rss.phase_bytes,
         "torch_threads": torch.get_num_threads(),
         "diffusers_unet_params": sum(p.numel() for p in net.parameters()),
     }
