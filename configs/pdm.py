@@ -98,6 +98,9 @@ def _base_config() -> ml_collections.ConfigDict:
     m.remat_policy = "dots"  # none | full | dots
     # auto (CPU: chunked; TPU: xla; GPU: cudnn in bf16/fp16, else xla) | xla | cudnn | chunked
     m.attention = "auto"
+    # U-ViTs: trunc_normal (official) | sincos (image and map patch rows start from one 2-D
+    # sine-cosine table: token i of either stream starts at the same spatial code)
+    m.pos_embed_init = "trunc_normal"
     # UNet variants only: the diffusers UNet config.json (sd1 | sd2 | tiny_sd1 | tiny_sd2 |
     # a path | JSON text), and the unet_two_stream map-stream width / image-stream width.
     m.unet_config = "sd1"

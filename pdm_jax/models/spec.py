@@ -52,6 +52,7 @@ class ModelSpec:
     attention: str
     unet_config: str = "sd1"
     map_width_multiplier: float = 1.0
+    pos_embed_init: str = "trunc_normal"
 
     def __post_init__(self):
         if self.name not in NAMES:

@@ -85,7 +85,8 @@ class TwoStreamPDM(nn.Module):
         x = jnp.concatenate([conditioning_tokens(spec, t, context, kw), img], axis=1)
         x = constrain(x + position_embedding(self, "pos_embed", x.shape[1], spec))  # [B, E+L, D]
         m = embed_map(self, spec, m_t, kw)
-        m = constrain(m + position_embedding(self, "pos_embed_mask", spec.num_patches, spec))
+        pos_m = position_embedding(self, "pos_embed_mask", spec.num_patches, spec, extras=0)
+        m = constrain(m + pos_m)
         split = x.shape[1]
 
         blk = block_class(spec.remat_policy)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from pdm_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
@@ -33,6 +34,7 @@ from pdm_jax.models.layers import (
 )
 
 Array = jax.Array
+POS_EMBED_INITS = ("trunc_normal", "sincos")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,11 @@ class UViTSpec:
       attention: attention kernel, ``auto`` | ``xla`` | ``cudnn`` | ``chunked``
         (``pdm_jax.models.attention``; ``auto``: ``chunked`` on CPU, ``xla`` on TPU,
         ``cudnn`` on GPU in bf16/fp16).
+      pos_embed_init: initial value of the learned position embeddings:
+        ``trunc_normal`` (std .02, the official U-ViT) or ``sincos`` (the patch rows start
+        from one 2-D sine-cosine table, the same for the image and the map tokens, so token
+        *i* of each stream starts at the same spatial code; the time and text rows stay
+        trunc-normal). Only the initial value differs: the parameters are the same.
     """
 
     img_size: int = 32
@@ -77,6 +84,7 @@ class UViTSpec:
     use_given_map: bool = False
     remat_policy: str = "none"
     attention: str = "auto"
+    pos_embed_init: str = "trunc_normal"
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -98,6 +106,14 @@ class UViTSpec:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"Unknown attention {self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}."
+            )
+        if self.pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(
+                f"Unknown pos_embed_init {self.pos_embed_init!r}; choose one of {POS_EMBED_INITS}."
+            )
+        if self.pos_embed_init == "sincos" and self.embed_dim % 4:
+            raise ValueError(
+                f"pos_embed_init='sincos' needs embed_dim divisible by 4, got {self.embed_dim}."
             )
 
     @classmethod
@@ -168,19 +184,62 @@ def check_inputs(spec: UViTSpec, x: Array, m: Array | None, t: Array, context: A
         )
 
 
-def position_embedding(module: nn.Module, name: str, length: int, spec: UViTSpec) -> Array:
-    """Learned ``[1, length, D]`` position embedding (trunc-normal .02) owned by ``module``.
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """The 2-D sine-cosine position table of a ``grid × grid`` patch grid (row-major).
+
+    Half of the channels encode the patch row, half its column, each as ``[sin, cos]`` of
+    the position times ``10000^(−k/(dim/4))``, k = 0 … dim/4 − 1 (as in MAE and DiT).
+
+    Args:
+      grid: patches per side.
+      dim: channels, a multiple of 4.
+
+    Returns:
+      float32 ``[grid², dim]``.
+    """
+    freqs = 1.0 / 10000.0 ** (np.arange(dim // 4) / (dim // 4))
+    angles = np.arange(grid)[:, None] * freqs[None]  # [grid, dim/4]
+    one_axis = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # [grid, dim/2]
+    rows = np.repeat(one_axis, grid, axis=0)  # token r·grid + c → row r
+    cols = np.tile(one_axis, (grid, 1))  # → column c
+    return np.concatenate([rows, cols], axis=1).astype(np.float32)
+
+
+def position_embedding(
+    module: nn.Module, name: str, length: int, spec: UViTSpec, extras: int | None = None
+) -> Array:
+    """Learned ``[1, length, D]`` position embedding owned by ``module``.
+
+    Initialised trunc-normal (.02); with ``spec.pos_embed_init == "sincos"`` the rows after
+    the first ``extras`` (the patch tokens: one image grid, or image then map grid) start
+    from :func:`sincos_2d` instead, repeated for each grid.
 
     Args:
       module: the model whose parameter it is (needs ``dtype`` and ``param_dtype``).
       name: parameter name (``pos_embed`` or ``pos_embed_mask``).
       length: number of tokens.
       spec: model hyperparameters.
+      extras: leading non-patch rows (time and text tokens); default ``spec.extras``.
 
     Returns:
       ``[1, length, D]`` embedding in the computation dtype.
     """
-    init = nn.with_logical_partitioning(trunc_normal_init, (None, None, "embed"))
+    extras = spec.extras if extras is None else extras
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        value = trunc_normal_init(key, shape, dtype)
+        if spec.pos_embed_init != "sincos":
+            return value
+        table = sincos_2d(spec.img_size // spec.patch_size, shape[-1])
+        grids, rest = divmod(shape[1] - extras, table.shape[0])
+        if rest or grids < 1:
+            raise ValueError(
+                f"{name}: {shape[1] - extras} rows after the {extras} extras are not whole "
+                f"{table.shape[0]}-token patch grids."
+            )
+        return value.at[0, extras:].set(jnp.asarray(np.tile(table, (grids, 1)), dtype))
+
+    init = nn.with_logical_partitioning(init, (None, None, "embed"))
     pos = module.param(name, init, (1, length, spec.embed_dim), module.param_dtype)
     return pos.astype(module.dtype)
 

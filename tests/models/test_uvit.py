@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 from configs.pdm import get_config
 from pdm_jax import models
+from pdm_jax.models import uvit
 
 
 def _cfg(arg="uvit,tiny=1", **overrides):
@@ -177,3 +179,63 @@ def test_param_logical_axes_cover_every_parameter():
     assert tuple(axes[("pos_embed",)]) == (None, None, "embed")
     assert tuple(axes[("patch_embed", "proj", "kernel")]) == (None, None, "conv_in", "conv_out")
     assert tuple(axes[("final_layer", "kernel")]) == (None, None, "conv_in", "conv_out")
+
+
+def test_sincos_table_matches_the_closed_form():
+    table = uvit.sincos_2d(grid=3, dim=8)  # two frequencies per axis: 1 and 1/100
+    assert table.shape == (9, 8)
+    r, c = 2, 1  # token 2·3 + 1
+    expected = [np.sin(r), np.sin(r / 100), np.cos(r), np.cos(r / 100)]
+    expected += [np.sin(c), np.sin(c / 100), np.cos(c), np.cos(c / 100)]
+    np.testing.assert_allclose(table[7], expected, rtol=1e-6)
+
+
+class _Positions(nn.Module):
+    """Just the position embedding of a model with ``spec`` (no forward pass to trace)."""
+
+    spec: uvit.UViTSpec
+    length: int
+    extras: int | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return uvit.position_embedding(self, "pos_embed", self.length, self.spec, self.extras)
+
+
+def _positions(spec, length, extras=None):
+    module = _Positions(spec, length, extras)
+    return np.asarray(nn.meta.unbox(module.init(jax.random.key(0))["params"]["pos_embed"]))[0]
+
+
+def test_sincos_init_starts_each_patch_grid_at_one_table():
+    spec = uvit.UViTSpec.from_config(_cfg("one_stream,tiny=1", pos_embed_init="sincos"))
+    plain = uvit.UViTSpec.from_config(_cfg("one_stream,tiny=1"))
+    table = uvit.sincos_2d(spec.img_size // spec.patch_size, spec.embed_dim)
+    e, n = spec.extras, spec.num_patches
+    pos = _positions(spec, e + 2 * n)  # the one-stream layout: extras, image, map
+    np.testing.assert_array_equal(pos[e : e + n], table)
+    np.testing.assert_array_equal(pos[e + n :], table)
+    # Time and text rows keep the official initialiser; so does everything by default.
+    np.testing.assert_array_equal(pos[:e], _positions(plain, e + 2 * n)[:e])
+    assert not np.allclose(_positions(plain, e + 2 * n)[e : e + n], table, atol=0.1)
+    np.testing.assert_array_equal(_positions(spec, n, extras=0), table)  # a map stream's
+    with pytest.raises(ValueError, match="patch grids"):
+        _positions(spec, e + n + 1)
+
+
+def test_sincos_init_reaches_both_streams_of_the_two_stream_model():
+    cfg = _cfg("two_stream,tiny=1", pos_embed_init="sincos")
+    params = models.init_params(cfg, jax.random.key(0))
+    spec = uvit.UViTSpec.from_config(cfg)
+    table = uvit.sincos_2d(spec.img_size // spec.patch_size, spec.embed_dim)
+    np.testing.assert_array_equal(np.asarray(params["pos_embed"])[0, spec.extras :], table)
+    np.testing.assert_array_equal(np.asarray(params["pos_embed_mask"])[0], table)
+
+
+def test_unknown_or_unfit_pos_embed_init_is_named():
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        models.build(_cfg(pos_embed_init="learned"))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        models.build(_cfg(pos_embed_init="sincos", embed_dim=34, num_heads=2))
