@@ -15,6 +15,7 @@ from configs import pdm as pdm_configs
 from pdm_jax import sharding, specs
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
+from tests.models import small_unet
 
 # data × fsdp × tensor on the 8 fake CPU devices of the tests.
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))
@@ -22,8 +23,11 @@ ONE_DEVICE = (1, 1, 1)
 
 
 def config(name: str) -> ml_collections.ConfigDict:
-    """The tiny ``name`` config (width 32, 2 heads: every mesh axis above divides them)."""
+    """The tiny ``name`` config (width 32, 2 heads: every mesh axis above divides them; the
+    UNets: the two-level tiny UNet, widths 16 and 32, 4 heads)."""
     c = pdm_configs.get_config(f"{name},tiny=1")
+    if name.startswith("unet"):
+        small_unet.use_two_level_unet(c)
     c.optim.learning_rate = 1e-3  # tolerances are stated in units of this step size
     c.model.remat_policy = "none"  # remat does not change the numbers, only compile time
     c.ckpt.allow_random_frozen_stream = True  # two_stream from scratch, on purpose
