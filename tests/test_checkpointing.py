@@ -12,6 +12,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from configs import pdm as pdm_configs
 from pdm_jax import checkpointing, models, sharding, specs
@@ -56,7 +57,24 @@ def _saved_fresh_state(config, workdir, params_only=False):
     return state
 
 
+@pytest.fixture
+def persistent_compilation_cache(tmp_path):
+    """JAX's on-disk compilation cache in ``tmp_path``, for this test only.
+
+    Each ``train_and_evaluate`` jits its initialiser and step anew; with the cache the
+    later runs load the executables the first one compiled from the same programs instead
+    of compiling them again. What the tests check (the restored state, the data position,
+    the steps after a restart) does not depend on where the executable came from.
+    """
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("persistent_compilation_cache")
 def test_resume_is_exact(tmp_path):
     """4 steps in one go == 2 steps, a fresh process-like restart, 2 more steps."""
     full = trainer.train_and_evaluate(_config(steps=4), str(tmp_path / "full"))
