@@ -12,7 +12,6 @@ import chex
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import pdm as pdm_configs
 from pdm_jax import checkpointing, models, sharding, specs
@@ -20,6 +19,7 @@ from pdm_jax.sampling import params as sampling_params
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import trainer
+from tests import jax_cache
 from tests.train import saved_states
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,18 +59,9 @@ def _saved_fresh_state(config, workdir, params_only=False):
 
 @pytest.fixture
 def persistent_compilation_cache(tmp_path):
-    """JAX's on-disk compilation cache in ``tmp_path``, for this test only.
-
-    Each ``train_and_evaluate`` jits its initialiser and step anew; with the cache the
-    later runs load the executables the first one compiled from the same programs instead
-    of compiling them again. What the tests check (the restored state, the data position,
-    the steps after a restart) does not depend on where the executable came from.
-    """
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    compilation_cache.reset_cache()
+    """A compilation cache for one test (``tests/jax_cache.py``)."""
+    with jax_cache.compilation_cache_in(tmp_path / "jax_cache"):
+        yield
 
 
 @pytest.mark.slow
