@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs import pdm as pdm_configs
 from pdm_jax import benchmark, models, sharding
 from tests.cli import REPO, cpu_env
+from tests.models import small_unet
 
 
 @pytest.mark.parametrize("what", ["train_step", "denoise", "sample"])
@@ -182,6 +183,7 @@ def test_denoise_against_diffusers_reports_the_ratio(tmp_path):
             "-m",
             "pdm_jax.benchmark",
             "--config=configs/pdm.py:unet,tiny=1",
+            f"--config.model.unet_config={small_unet.two_level_config()}",
             "--what=denoise",
             "--batch_size=2",
             "--repeats=2",
@@ -198,7 +200,7 @@ def test_denoise_against_diffusers_reports_the_ratio(tmp_path):
     record = json.loads(result.stdout.strip().splitlines()[-1])
     ref = record["reference"]
     # The same UNet on the diffusers side: its parameter count is ours.
-    config = pdm_configs.get_config("unet,tiny=1")
+    config = small_unet.use_two_level_unet(pdm_configs.get_config("unet,tiny=1"))
     assert ref["diffusers_unet_params"] == models.count_params(models.abstract_params(config.model))
     assert ref["median_s"] > 0 and ref["peak_memory_bytes"] > 0
     # Its own peak (VmHWM of the fresh process), not the ru_maxrss it inherits from ours.

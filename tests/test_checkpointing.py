@@ -19,6 +19,7 @@ from pdm_jax.sampling import params as sampling_params
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import trainer
+from tests import jax_cache
 from tests.train import saved_states
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,15 @@ def _saved_fresh_state(config, workdir, params_only=False):
     return state
 
 
+@pytest.fixture
+def persistent_compilation_cache(tmp_path):
+    """A compilation cache for one test (``tests/jax_cache.py``)."""
+    with jax_cache.compilation_cache_in(tmp_path / "jax_cache"):
+        yield
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("persistent_compilation_cache")
 def test_resume_is_exact(tmp_path):
     """4 steps in one go == 2 steps, a fresh process-like restart, 2 more steps."""
     full = trainer.train_and_evaluate(_config(steps=4), str(tmp_path / "full"))

@@ -34,8 +34,17 @@ GEOMETRY = [f"--config.model.{k}={v}" for k, v in MODEL.items()]
 
 
 def _run(root: Path, module: str, *args: str) -> str:
-    """Runs ``python -m module args`` in ``root`` with ``HOME=root``; returns its stderr."""
-    env = dict(os.environ, HOME=str(root), PYTHONPATH=str(REPO))
+    """Runs ``python -m module args`` in ``root`` with ``HOME=root``; returns its stderr.
+
+    The commands share a JAX compilation cache in ``root`` (programs the same in two of
+    them, e.g. the VAE and CLIP encoders of the two prepared splits, compile once).
+    """
+    env = dict(
+        os.environ,
+        HOME=str(root),
+        PYTHONPATH=str(REPO),
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+    )
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=root,

@@ -17,6 +17,7 @@ from pdm_jax.evaluation import run as evaluate
 from pdm_jax.sampling import mode as sample_mode
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import trainer
+from tests import jax_cache
 from tests.cli import run_main
 
 
@@ -43,6 +44,14 @@ def truncate_state(step_dir: Path) -> list[Path]:
                 cut.append(path)
     assert cut
     return cut
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """One compilation cache for the module's runs (``tests/jax_cache.py``): the fixture's
+    run and the resumed ones compile the same programs."""
+    with jax_cache.compilation_cache_in(tmp_path_factory.mktemp("jax_cache")):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Every sampling task through the ``Sampler`` on the tiny one- and two-stream UNet PDMs."""
+"""Every sampling task through the ``Sampler`` on the tiny one- and two-stream UNet PDMs
+(the two-level tiny UNet: the tasks do not depend on the UNet's depth)."""
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ from configs.pdm import get_config
 from pdm_jax import sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.sampling import sampler as sampler_lib
+from tests.models import small_unet
 from tests.models.test_unet_pdm import _random
 from tests.sampling.known import inpaint_left_or_top_half, known_inputs
 
@@ -15,7 +17,7 @@ from tests.sampling.known import inpaint_left_or_top_half, known_inputs
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet_one_stream", "unet_two_stream"])
 def test_every_task_on_a_unet_pdm_keeps_what_it_is_given(name):
-    config = get_config(f"{name},tiny=1")
+    config = small_unet.use_two_level_unet(get_config(f"{name},tiny=1"))
     config.data.update(source="synthetic", num_workers=0, num_records=16)
     config.sampler.update(steps=2, order=2)
     run = specs.from_config(config)

@@ -15,6 +15,8 @@ from configs import pdm as pdm_configs
 from pdm_jax import sharding, specs
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
+from tests.models import small_unet
+from tests.models.test_unet_pdm import _random
 
 # data × fsdp × tensor on the 8 fake CPU devices of the tests.
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))
@@ -22,8 +24,11 @@ ONE_DEVICE = (1, 1, 1)
 
 
 def config(name: str) -> ml_collections.ConfigDict:
-    """The tiny ``name`` config (width 32, 2 heads: every mesh axis above divides them)."""
+    """The tiny ``name`` config (width 32, 2 heads: every mesh axis above divides them; the
+    UNets: the two-level tiny UNet, widths 16 and 32, 4 heads)."""
     c = pdm_configs.get_config(f"{name},tiny=1")
+    if name.startswith("unet"):
+        small_unet.use_two_level_unet(c)
     c.optim.learning_rate = 1e-3  # tolerances are stated in units of this step size
     c.model.remat_policy = "none"  # remat does not change the numbers, only compile time
     c.ckpt.allow_random_frozen_stream = True  # two_stream from scratch, on purpose
@@ -50,8 +55,18 @@ def batch(name: str) -> dict[str, np.ndarray]:
 
 @functools.cache
 def initial(name: str) -> state_lib.TrainState:
-    """The initial state, built once on one device (copied onto each mesh by ``setup``)."""
+    """The initial state, built once on one device (copied onto each mesh by ``place``).
+
+    The UNets' parameters are drawn on the host (``_random``: random weights, zero
+    couplings as at initialisation): compiling their initialiser takes a minute on a
+    2-core CPU, and what the tests check of them (mesh independence, the frozen image
+    stream) holds from any start. ``create_train_state`` of a UNet runs in
+    tests/test_main_unet.py.
+    """
     spec = specs.from_config(config(name))
+    if name.startswith("unet"):
+        params = jax.tree.map(jnp.asarray, _random(spec.model, 0))
+        return state_lib.init_train_state(spec, jax.random.key(0), params=params)
     state, _ = state_lib.create_train_state(spec, jax.random.key(0), mesh(ONE_DEVICE))
     return state
 
