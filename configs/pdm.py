@@ -317,7 +317,7 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         c.sharding.cpu_devices = -1  # one single-threaded XLA device per core: 1.45× on 2
         c.train.update(
             batch_size=16,
-            num_train_steps=5800,
+            num_train_steps=6000,
             log_every_steps=100,
             eval_every_steps=1000,
             checkpoint_every_steps=1000,
