@@ -309,4 +309,5 @@ def model_config_from_official_kwargs(kwargs: Mapping[str, Any]) -> ml_collectio
     c.param_dtype = "float32"
     c.remat_policy = "full" if kwargs.get("use_checkpoint", False) else "none"
     c.attention = "auto"
+    c.pos_embed_init = "trunc_normal"
     return c
