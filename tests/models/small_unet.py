@@ -1,4 +1,5 @@
-"""Test helper: the smallest UNet that still has every block kind of the SD UNet.
+"""Test helpers for the UNets: the smallest UNet that still has every block kind of the SD
+UNet, and random parameters for the UNet PDMs.
 
 ``tiny_sd1`` (3 levels, 2 layers per block) takes minutes to compile on a 2-core CPU,
 in its initialiser as in every step or sampler program. Tests whose property does not
@@ -11,8 +12,14 @@ one layer each (the same text width and latent channels as ``tiny_sd1``).
 import json
 
 import ml_collections
+import numpy as np
+from flax import traverse_util
 
+from pdm_jax import models
 from pdm_jax.models import unet
+
+# The UNet PDMs' zero-initialised couplings (map input channels, map-to-image convs).
+ZERO_INIT = ("map_conv_in", "zero_convs_")
 
 
 def two_level_config(sd: str = "1") -> str:
@@ -34,3 +41,20 @@ def use_two_level_unet(config: ml_collections.ConfigDict) -> ml_collections.Conf
         raise ValueError(f"Expected a tiny=1 UNet config, got {config.model.unet_config!r}.")
     config.model.unet_config = two_level_config(sd)
     return config
+
+
+def random_params(cfg: ml_collections.ConfigDict, seed: int) -> dict:
+    """Random parameters of ``cfg``'s shapes; the zero-initialised couplings stay zero."""
+    rng = np.random.default_rng(seed)
+    flat = traverse_util.flatten_dict(models.abstract_params(cfg))
+    return traverse_util.unflatten_dict(
+        {
+            p: np.zeros(v.shape, v.dtype)
+            if p[0].startswith(ZERO_INIT)
+            else (0.3 * rng.standard_normal(v.shape) / np.sqrt(max(v.shape[:-1] or (1,)))).astype(
+                v.dtype
+            )
+            + float(p[-1] == "scale")
+            for p, v in flat.items()
+        }
+    )

@@ -9,25 +9,7 @@ from flax import traverse_util
 from configs.pdm import get_config
 from pdm_jax import models
 from pdm_jax.models.unet_pdm import depth_to_space, is_image_stream, space_to_depth
-
-ZERO_INIT = ("map_conv_in", "zero_convs_")
-
-
-def _random(cfg, seed):
-    """Random parameters of ``cfg``'s shapes; the zero-initialised couplings stay zero."""
-    rng = np.random.default_rng(seed)
-    flat = traverse_util.flatten_dict(models.abstract_params(cfg))
-    return traverse_util.unflatten_dict(
-        {
-            p: np.zeros(v.shape, v.dtype)
-            if p[0].startswith(ZERO_INIT)
-            else (0.3 * rng.standard_normal(v.shape) / np.sqrt(max(v.shape[:-1] or (1,)))).astype(
-                v.dtype
-            )
-            + float(p[-1] == "scale")
-            for p, v in flat.items()
-        }
-    )
+from tests.models.small_unet import ZERO_INIT, random_params
 
 
 def test_space_to_depth_round_trip():
@@ -43,8 +25,8 @@ def test_space_to_depth_round_trip():
 def test_at_init_eps_equals_the_plain_unet(name):
     plain_cfg = get_config("unet,sd=2,tiny=1").model
     cfg = get_config(f"{name},sd=2,tiny=1,map_patch_factor=2").model
-    plain = _random(plain_cfg, 0)
-    params = models.merge_image_stream(_random(cfg, 1), plain)
+    plain = random_params(plain_cfg, 0)
+    params = models.merge_image_stream(random_params(cfg, 1), plain)
     assert {k for k in params if is_image_stream(k)} == set(plain)
     x, m, t, ctx = models.example_inputs(cfg, 2)
     rng = np.random.default_rng(2)

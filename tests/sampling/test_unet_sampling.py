@@ -10,7 +10,6 @@ from pdm_jax import sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.sampling import sampler as sampler_lib
 from tests.models import small_unet
-from tests.models.test_unet_pdm import _random
 from tests.sampling.known import inpaint_left_or_top_half, known_inputs
 
 
@@ -24,7 +23,13 @@ def test_every_task_on_a_unet_pdm_keeps_what_it_is_given(name):
     _, info = pipeline.create_source(run.data, "held_out")
     mesh = sharding.create_mesh((1,), (sharding.DATA_AXIS,), jax.devices()[:1])
     sampler = sampler_lib.Sampler(
-        run.model, run.diffusion, run.sampler, info, _random(run.model, 0), mesh=mesh, batch_size=2
+        run.model,
+        run.diffusion,
+        run.sampler,
+        info,
+        small_unet.random_params(run.model, 0),
+        mesh=mesh,
+        batch_size=2,
     )
     side, mside, chans = run.model.img_size, sampler.map_side, run.model.in_chans
     assert mside == run.model.map_patch_factor * side

@@ -16,7 +16,6 @@ from pdm_jax import sharding, specs
 from pdm_jax.train import state as state_lib
 from pdm_jax.train import step as step_lib
 from tests.models import small_unet
-from tests.models.test_unet_pdm import _random
 
 # data × fsdp × tensor on the 8 fake CPU devices of the tests.
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2))
@@ -57,7 +56,7 @@ def batch(name: str) -> dict[str, np.ndarray]:
 def initial(name: str) -> state_lib.TrainState:
     """The initial state, built once on one device (copied onto each mesh by ``place``).
 
-    The UNets' parameters are drawn on the host (``_random``: random weights, zero
+    The UNets' parameters are drawn on the host (``small_unet.random_params``: random weights, zero
     couplings as at initialisation): compiling their initialiser takes a minute on a
     2-core CPU, and what the tests check of them (mesh independence, the frozen image
     stream) holds from any start. ``create_train_state`` of a UNet runs in
@@ -65,7 +64,7 @@ def initial(name: str) -> state_lib.TrainState:
     """
     spec = specs.from_config(config(name))
     if name.startswith("unet"):
-        params = jax.tree.map(jnp.asarray, _random(spec.model, 0))
+        params = jax.tree.map(jnp.asarray, small_unet.random_params(spec.model, 0))
         return state_lib.init_train_state(spec, jax.random.key(0), params=params)
     state, _ = state_lib.create_train_state(spec, jax.random.key(0), mesh(ONE_DEVICE))
     return state
