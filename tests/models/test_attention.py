@@ -64,6 +64,34 @@ def test_chunked_gradients_match_closed_form(group):
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("group", "rows"), [(1, 1), (1, 4), (2, 12), (6, 36)])
+def test_query_blocks_match_reference_with_gradients(group, rows):
+    # T = 36: blocks of 1, 4 and 12 query rows (dk, dv summed over the blocks), and 36 (one).
+    q, k, v, w = _inputs((2, 36, 3, 8), seed=2)
+
+    def attend(q, k, v):
+        return attention.chunked_attention(q, k, v, heads_per_group=group, rows_per_block=rows)
+
+    np.testing.assert_allclose(
+        np.asarray(attend(q, k, v)), _reference(q, k, v), atol=2e-5, rtol=1e-5
+    )
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads, _reference_grads(q, k, v, w), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
+
+
+def test_queries_per_block_fits_budget_and_divides():
+    assert attention.queries_per_block(590) == 590  # 590² × 4 B ≈ 1.3 MiB: one block
+    assert attention.queries_per_block(4096) == 512  # 512 × 4096 × 4 B = 8 MiB
+    assert attention.queries_per_block(1024, heads=2) == 1024  # 8 MiB: one block
+    assert attention.queries_per_block(4096, heads=2) == 256
+    assert attention.queries_per_block(4096, chunk_bytes=4 * 4096 * 100) == 64
+    assert attention.queries_per_block(4097, chunk_bytes=4 * 4097 * 100) == 17  # 4097 = 17·241
+    with pytest.raises(ValueError, match="rows_per_block=5 does not divide"):
+        q = jnp.zeros((1, 12, 1, 4))
+        attention.chunked_attention(q, q, q, rows_per_block=5)
+
+
 def test_chunked_equals_xla_path_with_gradients():
     q, k, v, w = _inputs((4, 16, 2, 4), seed=1)
 

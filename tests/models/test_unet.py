@@ -115,3 +115,57 @@ def test_matches_diffusers_live(name="tiny_sd2"):
     np.testing.assert_allclose(
         _eps(cfg, diffusers_unet.diffusers_to_params(state, cfg), f), f["eps"], atol=TOL, rtol=0
     )
+
+
+def _lax_conv(x, w, stride=1, padding=((1, 1), (1, 1))):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "padding", "im2col"),
+    [
+        ((2, 8, 8, 256), 3, ((1, 1), (1, 1)), True),  # SD's 8×8 × 1,280 level, scaled down
+        ((1, 16, 16, 256), 3, ((1, 1), (1, 1)), True),
+        ((1, 4, 6, 320), 3, ((0, 2), (1, 0)), True),  # uneven padding, non-square map
+        ((1, 32, 32, 256), 3, ((1, 1), (1, 1)), False),  # too many pixels: XLA's conv
+        ((1, 8, 8, 64), 3, ((1, 1), (1, 1)), False),  # too few channels
+        ((1, 8, 8, 256), 1, ((0, 0), (0, 0)), False),  # 1×1: a matmul already
+    ],
+)
+def test_conv_im2col_path_equals_xla_convolution_with_gradients(shape, kernel, padding, im2col):
+    from pdm_jax.models import unet_blocks
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 24)).astype(np.float32))
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    assert unet_blocks._use_im2col(x, w, (1, 1), None, None, dims, 1) is im2col
+
+    def ours(x, w):
+        return unet_blocks.conv_general_dilated(
+            x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    want = _lax_conv(x, w, padding=padding)
+    np.testing.assert_allclose(ours(x, w), want, rtol=1e-4, atol=1e-3)
+    cot = jnp.asarray(rng.standard_normal(want.shape).astype(np.float32))
+    got_grads = jax.grad(lambda x, w: jnp.sum(ours(x, w) * cot), argnums=(0, 1))(x, w)
+    want_grads = jax.grad(
+        lambda x, w: jnp.sum(_lax_conv(x, w, padding=padding) * cot), argnums=(0, 1)
+    )(x, w)
+    for got, ref in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=2e-2)
+
+
+def test_strided_conv_takes_xla_path():
+    from pdm_jax.models import unet_blocks
+
+    x, w = jnp.ones((1, 8, 8, 256)), jnp.ones((3, 3, 256, 8))
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    assert not unet_blocks._use_im2col(x, w, (2, 2), None, None, dims, 1)
+    got = unet_blocks.conv_general_dilated(
+        x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_array_equal(got, _lax_conv(x, w, stride=2))

@@ -136,18 +136,19 @@ class FrozenTextEncoder:
             raise ValueError(f"Expected token ids [..., {self.length}], got {tokens.shape}.")
         e = self.embedding[tokens]  # [..., T, D]
         h = e + self.positions
+        # Neighbour k of token t is e[t + k] (zero beyond the ends): slices of one padded copy.
+        reach = max(abs(k) for k in self.WINDOW)
+        padded = np.zeros((*e.shape[:-2], self.length + 2 * reach, self.dim), np.float32)
+        padded[..., reach : reach + self.length, :] = e
         for k, w in zip(self.WINDOW, self.neighbour, strict=True):
-            shifted = np.zeros_like(e)
-            if k > 0:
-                shifted[..., :-k, :] = e[..., k:, :]
-            else:
-                shifted[..., -k:, :] = e[..., :k, :]
-            h += 0.5 * w * shifted
+            h += 0.5 * w * padded[..., reach + k : reach + k + self.length, :]
         content = (tokens != PAD_ID)[..., None].astype(np.float32)  # [..., T, 1]
         mean = np.sum(e * content, axis=-2, keepdims=True) / np.maximum(
             np.sum(content, axis=-2, keepdims=True), 1.0
         )
         h += 0.5 * self.gist * mean
-        h -= h.mean(axis=-1, keepdims=True)
-        h /= np.sqrt(h.var(axis=-1, keepdims=True) + 1e-5)
+        # Layer norm over D (the sums np.mean / np.var take, without their call overhead).
+        h -= np.add.reduce(h, axis=-1, keepdims=True) / self.dim
+        centred = h - np.add.reduce(h, axis=-1, keepdims=True) / self.dim
+        h /= np.sqrt(np.add.reduce(centred * centred, axis=-1, keepdims=True) / self.dim + 1e-5)
         return h.astype(np.float32)
