@@ -348,9 +348,9 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
     if variant == "demo_unet":
         # The same run on a tiny UNet (16×16 latents, two levels). Its step costs about 8×
         # the U-ViT demo's on a 2-core CPU (0.4 s at batch 16, mostly convolutions), so
-        # 900 steps fit the 10 minutes, with one grid at the end (README, demo_unet).
+        # 750 steps fit the 10 minutes, with one grid at the end (README, demo_unet).
         c.model.update(name="unet_one_stream", unet_config="demo_unet")
-        c.train.update(num_train_steps=900, eval_every_steps=900, checkpoint_every_steps=300)
+        c.train.update(num_train_steps=750, eval_every_steps=750, checkpoint_every_steps=250)
     _apply_options(c, options)
     tiny = options.get("tiny", "0") not in ("0", "false", "False")
     if variant == "demo_unet" and tiny:  # the demo's tiny sizes (8×8, 3 channels, 16-d text)
