@@ -126,6 +126,32 @@ def test_init_from_uvit_fills_the_two_stream_image_stream(tmp_path):
     assert set(params) - set(uvit_params)  # the map stream is there, freshly initialised
 
 
+def test_init_from_a_plain_one_stream_starts_the_token_fusion_layers_at_zero(tmp_path):
+    plain = _config()
+    plain.model.token_fusion = False
+    saved = _saved_fresh_state(plain, tmp_path / "plain", params_only=True)
+    config = _config()
+    assert config.model.token_fusion  # the demo's model
+    config.ckpt.init_from = str(tmp_path / "plain")
+    mesh = sharding.create_mesh()
+    manager = checkpointing.create_manager(checkpointing.checkpoint_dir(tmp_path / "fused"))
+    state, _, origin = init_lib.restore_or_initialize(
+        specs.from_config(config), tmp_path / "fused", mesh, manager
+    )
+    assert "ckpt.init_from" in origin
+    params = jax.device_get(state.params)
+    chex.assert_trees_all_equal({k: params[k] for k in saved.ema_params}, saved.ema_params)
+    for name in models.TOKEN_FUSION_PARAMS:
+        assert not any(np.any(v) for v in jax.tree.leaves(params[name])), name
+    # Anything else missing is still refused, with the fusion layers not among the lines.
+    config.model.embed_dim = 64
+    config.model.num_heads = 2
+    with pytest.raises(checkpointing.ConfigMismatchError) as info:
+        init_lib.restore_or_initialize(specs.from_config(config), tmp_path / "other", mesh, manager)
+    assert "context_embed/bias: checkpoint (32,) vs config (64,)" in str(info.value)
+    assert "map_to_image" not in str(info.value)
+
+
 def test_mismatched_config_lists_parameter_paths_and_shapes(tmp_path):
     _saved_fresh_state(_config(), tmp_path, params_only=True)
     config = _config()

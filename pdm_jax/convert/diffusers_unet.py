@@ -87,6 +87,7 @@ def model_config_from_diffusers(config_dict: Mapping[str, Any]) -> ml_collection
     c.remat_policy = "none"
     c.attention = "auto"
     c.pos_embed_init = "trunc_normal"
+    c.token_fusion = False
     c.unet_config = spec.source
     c.map_width_multiplier = 1.0
     return c

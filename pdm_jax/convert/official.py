@@ -310,4 +310,5 @@ def model_config_from_official_kwargs(kwargs: Mapping[str, Any]) -> ml_collectio
     c.remat_policy = "full" if kwargs.get("use_checkpoint", False) else "none"
     c.attention = "auto"
     c.pos_embed_init = "trunc_normal"
+    c.token_fusion = False
     return c

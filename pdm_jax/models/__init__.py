@@ -66,6 +66,11 @@ __all__ = [
 Params = dict[str, Any]
 
 
+# The one_stream ``token_fusion`` layers (zero at initialisation; absent from the paper's
+# checkpoints, which ``ckpt.init_from`` then fills with zeros).
+TOKEN_FUSION_PARAMS = ("map_to_image", "image_to_map")
+
+
 def build(model_cfg: Any) -> nn.Module:
     """Builds the model named by ``model_cfg.name``.
 
@@ -82,6 +87,11 @@ def build(model_cfg: Any) -> nn.Module:
     """
     if model_cfg.name not in MODELS:
         raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
+    if getattr(model_cfg, "token_fusion", False) and model_cfg.name != "one_stream":
+        raise ValueError(
+            f"model.token_fusion=True is a one_stream option (image and map tokens of one "
+            f"sequence); {model_cfg.name!r} has no such pair of tokens: set it to False."
+        )
     if model_cfg.name in UNET_NAMES:
         attention.check_implementation(model_cfg.attention, model_cfg.dtype)
         return _build_unet(model_cfg)

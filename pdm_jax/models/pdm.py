@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pdm_jax.models.layers import Dtype, PatchEmbed, constrain, layer_norm
+from pdm_jax.models.layers import Dtype, PatchEmbed, constrain, dense, layer_norm
 from pdm_jax.models.uvit import (
     UViTSpec,
     block_stack,
@@ -50,6 +50,26 @@ def embed_map(module: nn.Module, spec: UViTSpec, m_t: Array, kw: dict) -> Array:
         # Official parameter without effect on the forward pass; created for checkpoints.
         PatchEmbed(spec.map_patch, spec.embed_dim, name="mask_embed_0", **kw)(m_t)
     return tokens
+
+
+def fuse_tokens(spec: UViTSpec, img: Array, mp: Array, kw: dict) -> tuple[Array, Array]:
+    """``token_fusion``: image and map tokens of one patch read each other before the blocks.
+
+    Args:
+      spec: model hyperparameters.
+      img: ``[B, L, D]`` image patch tokens.
+      mp: ``[B, L, D]`` map patch tokens (same patch order).
+      kw: ``dtype`` / ``param_dtype`` for the submodules.
+
+    Returns:
+      ``(img + map_to_image(mp), mp + image_to_map(img))``; both layers start at zero.
+    """
+    zero = nn.initializers.zeros_init()
+    axes = (None, "embed")  # as skip_linear: one mesh axis per kernel
+    d = spec.embed_dim
+    to_img = dense(d, axes, name="map_to_image", kernel_init=zero, **kw)(mp)
+    to_map = dense(d, axes, name="image_to_map", kernel_init=zero, **kw)(img)
+    return img + to_img, mp + to_map
 
 
 def pdm_outputs(
@@ -112,6 +132,8 @@ class OneStreamPDM(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         img = PatchEmbed(spec.patch_size, spec.embed_dim, name="patch_embed", **kw)(x_t)
         mp = embed_map(self, spec, m_t, kw)  # [B, L, D]
+        if spec.token_fusion:
+            img, mp = fuse_tokens(spec, img, mp, kw)
         x = jnp.concatenate([conditioning_tokens(spec, t, context, kw), img, mp], axis=1)
         x = constrain(x + position_embedding(self, "pos_embed", x.shape[1], spec))  # [B, E+2L, D]
         x = block_stack(spec, x, kw)

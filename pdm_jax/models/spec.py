@@ -53,6 +53,7 @@ class ModelSpec:
     unet_config: str = "sd1"
     map_width_multiplier: float = 1.0
     pos_embed_init: str = "trunc_normal"
+    token_fusion: bool = False
 
     def __post_init__(self):
         if self.name not in NAMES:

@@ -66,6 +66,10 @@ class UViTSpec:
         from one 2-D sine-cosine table, the same for the image and the map tokens, so token
         *i* of each stream starts at the same spatial code; the time and text rows stay
         trunc-normal). Only the initial value differs: the parameters are the same.
+      token_fusion: one-stream PDM only (not in the paper): before the blocks, each image
+        token also reads the map token of the same patch, and each map token the image
+        token, through zero-initialised linear layers (``map_to_image``,
+        ``image_to_map``). At initialisation the model is the paper's.
     """
 
     img_size: int = 32
@@ -85,6 +89,7 @@ class UViTSpec:
     remat_policy: str = "none"
     attention: str = "auto"
     pos_embed_init: str = "trunc_normal"
+    token_fusion: bool = False
 
     def __post_init__(self):
         if self.img_size % self.patch_size:

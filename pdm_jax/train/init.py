@@ -26,6 +26,7 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -63,6 +64,18 @@ def initial_params_fn(config: RunSpec, loaded: Any, where: str):
     lines = checkpointing.param_mismatches(loaded, expected)
     if not lines:
         return lambda rng, p: p
+    fusion = [k for k in models.TOKEN_FUSION_PARAMS if k in expected and k not in loaded]
+    if getattr(config.model, "token_fusion", False) and fusion:
+        # A one-stream checkpoint without the fusion layers: they start at zero, as a fresh
+        # model's do, so the run starts from exactly the checkpoint's function.
+        zeros = {
+            k: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), expected[k])
+            for k in fusion
+        }
+        lines = checkpointing.param_mismatches({**loaded, **zeros}, expected)
+        if not lines:
+            logging.info("ckpt.init_from=%s has no %s: they start at zero.", where, fusion)
+            return lambda rng, p: {**p, **zeros}
     if config.model.name in INIT_FROM_IMAGE_STREAM:
         try:
             models.merge_image_stream(expected, loaded)

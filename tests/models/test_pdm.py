@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 from configs.pdm import get_config
@@ -170,3 +171,71 @@ def test_image_stream_mask_and_merge_errors():
         models.merge_image_stream(
             params, {k: v for k, v in models.abstract_params(_cfg("uvit")).items() if k[0] != "o"}
         )
+
+
+def test_token_fusion_starts_as_the_papers_one_stream():
+    fused_cfg = _cfg("one_stream", token_fusion=True, map_patch_factor=2)
+    plain_cfg = _cfg("one_stream", map_patch_factor=2)
+    x, m, t, ctx = _inputs(fused_cfg)
+    fused = jax.jit(models.build(fused_cfg).init)(jax.random.key(3), x, m, t, ctx)["params"]
+    fused = nn.meta.unbox(fused)
+    extra = set(fused) - set(models.abstract_params(plain_cfg))
+    assert extra == {"map_to_image", "image_to_map"}
+    for name in extra:  # D×D kernels and D biases, all zero at initialisation
+        assert fused[name]["kernel"].shape == (32, 32) and fused[name]["bias"].shape == (32,)
+        assert not np.any(fused[name]["kernel"]) and not np.any(fused[name]["bias"])
+    plain = {k: v for k, v in fused.items() if k not in extra}
+    got = jax.jit(models.build(fused_cfg).apply)({"params": fused}, x, m, t, ctx)
+    want = jax.jit(models.build(plain_cfg).apply)({"params": plain}, x, m, t, ctx)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    axes = traverse_util.flatten_dict(models.param_logical_axes(fused_cfg))
+    assert tuple(axes[("map_to_image", "kernel")]) == (None, "embed")
+
+
+def test_token_fusion_adds_each_patchs_other_token():
+    """``fuse_tokens`` against its closed form: img + mp·W₁ + b₁, mp + img·W₂ + b₂."""
+    from pdm_jax.models.pdm import fuse_tokens
+    from pdm_jax.models.uvit import UViTSpec
+
+    spec = UViTSpec.from_config(_cfg("one_stream", token_fusion=True))
+
+    class Fuse(nn.Module):
+        @nn.compact
+        def __call__(self, img, mp):
+            return fuse_tokens(spec, img, mp, {"dtype": jnp.float32, "param_dtype": jnp.float32})
+
+    rng = np.random.default_rng(0)
+    img, mp = (rng.standard_normal((2, 16, 32)).astype(np.float32) for _ in range(2))
+    params = _random_like(nn.meta.unbox(Fuse().init(jax.random.key(0), img, mp)["params"]), rng)
+    got_img, got_map = Fuse().apply({"params": params}, img, mp)
+    w1, b1 = params["map_to_image"]["kernel"], params["map_to_image"]["bias"]
+    w2, b2 = params["image_to_map"]["kernel"], params["image_to_map"]["bias"]
+    np.testing.assert_allclose(got_img, img + mp @ w1 + b1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_map, mp + img @ w2 + b2, rtol=1e-5, atol=1e-5)
+
+
+def _random_like(tree, rng):
+    return jax.tree_util.tree_map(
+        lambda v: rng.standard_normal(v.shape).astype(np.float32) * 0.3, tree
+    )
+
+
+def test_token_fusion_learns_to_pass_the_map_to_the_image():
+    """Non-zero fusion weights make the image output read the map through them."""
+    cfg = _cfg("one_stream", token_fusion=True)
+    params = _random_params(cfg)
+    x, m, t, ctx = _inputs(cfg)
+    apply = jax.jit(models.build(cfg).apply)
+    eps, _ = apply({"params": params}, x, m, t, ctx)
+    silent = dict(
+        params, map_to_image=jax.tree_util.tree_map(jnp.zeros_like, params["map_to_image"])
+    )
+    eps_silent, _ = apply({"params": silent}, x, m, t, ctx)
+    assert not np.allclose(eps, eps_silent)
+
+
+@pytest.mark.parametrize("name", ["uvit", "two_stream", "unet_one_stream"])
+def test_token_fusion_outside_one_stream_is_refused(name):
+    with pytest.raises(ValueError, match="token_fusion=True is a one_stream option"):
+        models.build(_cfg(name, token_fusion=True))
