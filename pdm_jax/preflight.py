@@ -37,6 +37,7 @@ from pdm_jax.evaluation import fid
 from pdm_jax.evaluation import run as evaluate
 from pdm_jax.specs import PreflightError
 from pdm_jax.train import init as init_lib
+from pdm_jax.train import state as state_lib
 
 __all__ = ["PreflightError", "preflight"]
 
@@ -69,6 +70,10 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     _check_mesh(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))
+        try:  # the schedule's options, before any data or model is built
+            state_lib.learning_rate_schedule(config)
+        except ValueError as e:
+            raise PreflightError(str(e)) from None
     if coco and mode in ("train", "evaluate") and not config.data.dir:
         raise PreflightError(
             f"--mode={mode} on COCO reads the prepared data, and data.dir is unset: pass "

@@ -184,6 +184,19 @@ def test_evaluation_task_sweep_and_mask_are_checked_before_sampling(tmp_path):
         preflight.preflight(uvit, "evaluate", str(tmp_path))
 
 
+def test_a_bad_learning_rate_schedule_is_refused_at_start_up(tmp_path):
+    config = pdm_configs.get_config("demo,tiny=1")
+    config.optim.update(decay="wsd", decay_fraction=1.5)
+    with pytest.raises(preflight.PreflightError, match=r"decay_fraction=1.5 must lie in \(0, 1\]"):
+        preflight.preflight(config, "train", str(tmp_path))
+    config.optim.decay = "step"
+    with pytest.raises(preflight.PreflightError, match=r"Unknown optim\.decay 'step'"):
+        preflight.preflight(config, "train", str(tmp_path))
+    config.optim.decay = "wsd"
+    config.optim.decay_fraction = 0.2
+    preflight.preflight(config, "train", str(tmp_path))  # a good one passes
+
+
 def test_the_checkpoint_of_a_step_is_saved_before_its_grid(tmp_path, monkeypatch):
     """A grid that fails (e.g. no VAE) loses no training: the step's checkpoint is there."""
     config = pdm_configs.get_config("demo,tiny=1")
