@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from pdm_jax import checkpointing, sharding, specs
+from pdm_jax import checkpointing, models, sharding, specs
 from pdm_jax.data.coco import dataset as coco_dataset
 from pdm_jax.evaluation import fid
 from pdm_jax.evaluation import run as evaluate
@@ -67,6 +67,10 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     """
     config = specs.as_run_spec(config)
     coco = config.data.source == "coco"
+    try:
+        models.check_token_fusion(config.model)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
     _check_mesh(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))

@@ -197,6 +197,14 @@ def test_a_bad_learning_rate_schedule_is_refused_at_start_up(tmp_path):
     preflight.preflight(config, "train", str(tmp_path))  # a good one passes
 
 
+@pytest.mark.parametrize("mode", ["train", "sample", "evaluate"])
+def test_token_fusion_outside_one_stream_is_refused_at_start_up(tmp_path, mode):
+    config = _two_stream()
+    config.model.token_fusion = True
+    with pytest.raises(preflight.PreflightError, match="token_fusion=True is a one_stream"):
+        preflight.preflight(config, mode, str(tmp_path))
+
+
 def test_the_checkpoint_of_a_step_is_saved_before_its_grid(tmp_path, monkeypatch):
     """A grid that fails (e.g. no VAE) loses no training: the step's checkpoint is there."""
     config = pdm_configs.get_config("demo,tiny=1")

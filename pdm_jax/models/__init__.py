@@ -71,6 +71,16 @@ Params = dict[str, Any]
 TOKEN_FUSION_PARAMS = ("map_to_image", "image_to_map")
 
 
+def check_token_fusion(model_cfg: Any) -> None:
+    """Raises ``ValueError`` when ``model.token_fusion`` is set on a model other than
+    ``one_stream`` (the only one whose image and map tokens share a sequence)."""
+    if getattr(model_cfg, "token_fusion", False) and model_cfg.name != "one_stream":
+        raise ValueError(
+            f"model.token_fusion=True is a one_stream option (image and map tokens of one "
+            f"sequence); {model_cfg.name!r} has no such pair of tokens: set it to False."
+        )
+
+
 def build(model_cfg: Any) -> nn.Module:
     """Builds the model named by ``model_cfg.name``.
 
@@ -87,11 +97,7 @@ def build(model_cfg: Any) -> nn.Module:
     """
     if model_cfg.name not in MODELS:
         raise ValueError(f"Unknown model name {model_cfg.name!r}; choose one of {list(MODELS)}.")
-    if getattr(model_cfg, "token_fusion", False) and model_cfg.name != "one_stream":
-        raise ValueError(
-            f"model.token_fusion=True is a one_stream option (image and map tokens of one "
-            f"sequence); {model_cfg.name!r} has no such pair of tokens: set it to False."
-        )
+    check_token_fusion(model_cfg)
     if model_cfg.name in UNET_NAMES:
         attention.check_implementation(model_cfg.attention, model_cfg.dtype)
         return _build_unet(model_cfg)
