@@ -24,8 +24,10 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
 Every refusal is a :class:`PreflightError` naming the flag that fixes it.
 """
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -67,17 +69,13 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     """
     config = specs.as_run_spec(config)
     coco = config.data.source == "coco"
-    try:
+    with _refused():
         models.check_token_fusion(config.model)
-    except ValueError as e:
-        raise PreflightError(str(e)) from None
     _check_mesh(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))
-        try:  # the schedule's options, before any data or model is built
+        with _refused():  # the schedule's options, before any data or model is built
             state_lib.learning_rate_schedule(config)
-        except ValueError as e:
-            raise PreflightError(str(e)) from None
     if coco and mode in ("train", "evaluate") and not config.data.dir:
         raise PreflightError(
             f"--mode={mode} on COCO reads the prepared data, and data.dir is unset: pass "
@@ -98,16 +96,23 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     return config
 
 
+@contextlib.contextmanager
+def _refused() -> Iterator[None]:
+    """A building block's ``ValueError`` (its message names the fix) as a ``PreflightError``."""
+    try:
+        yield
+    except ValueError as e:
+        raise PreflightError(str(e)) from e
+
+
 def _check_mesh(config: specs.RunSpec, mode: str) -> None:
     """The configured mesh fits the devices, and the train batch splits over it."""
     sh = config.sharding
-    try:
+    with _refused():
         if mode == "train":
             mesh = sharding.create_mesh(sh.mesh_shape, sh.mesh_axes)
         else:
             mesh = sharding.local_mesh(sh.mesh_shape, sh.mesh_axes)
-    except ValueError as e:
-        raise PreflightError(str(e)) from e
     shards = sharding.batch_shards(mesh)
     if mode == "train" and config.train.batch_size % shards:
         raise PreflightError(

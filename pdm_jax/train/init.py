@@ -64,8 +64,8 @@ def initial_params_fn(config: RunSpec, loaded: Any, where: str):
     lines = checkpointing.param_mismatches(loaded, expected)
     if not lines:
         return lambda rng, p: p
-    fusion = [k for k in models.TOKEN_FUSION_PARAMS if k in expected and k not in loaded]
-    if getattr(config.model, "token_fusion", False) and fusion:
+    fusion = [k for k in models.TOKEN_FUSION_PARAMS if k not in loaded]
+    if config.model.token_fusion and fusion:
         # A one-stream checkpoint without the fusion layers: they start at zero, as a fresh
         # model's do, so the run starts from exactly the checkpoint's function.
         zeros = {

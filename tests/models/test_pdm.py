@@ -9,6 +9,8 @@ from flax import traverse_util
 
 from configs.pdm import get_config
 from pdm_jax import models
+from pdm_jax.models.pdm import fuse_tokens
+from pdm_jax.models.uvit import UViTSpec
 
 PDMS = ("one_stream", "two_stream")
 
@@ -195,9 +197,6 @@ def test_token_fusion_starts_as_the_papers_one_stream():
 
 def test_token_fusion_adds_each_patchs_other_token():
     """``fuse_tokens`` against its closed form: img + mp·W₁ + b₁, mp + img·W₂ + b₂."""
-    from pdm_jax.models.pdm import fuse_tokens
-    from pdm_jax.models.uvit import UViTSpec
-
     spec = UViTSpec.from_config(_cfg("one_stream", token_fusion=True))
 
     class Fuse(nn.Module):
