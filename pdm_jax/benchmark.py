@@ -1,17 +1,17 @@
 r"""python -m pdm_jax.benchmark --config=configs/pdm.py:two_stream --what=train_step --batch_size=8
 
-Times one jitted program of the configured model after a warm-up and prints one JSON
-line last: ``median_s``, ``min_s``, ``items_per_s``, ``device``, ``peak_memory_bytes``
-(device allocator peak where the backend reports one, else the process's peak RSS),
-``run_peak_memory_bytes`` (CPU: the peak RSS over the timed calls alone, reset after the
-warm-up; None on accelerators),
-``flops_per_device`` (XLA's cost analysis of the SPMD program, which is one device's
-share; it counts a loop body once: the chunked CPU attention's ``lax.map`` is
-undercounted), ``flops_per_item`` (summed over the devices, so work every device repeats,
-such as the update of replicated parameters, counts once per device), ``mfu`` (per-device
-FLOPs / time / the device's peak, where the peak is known) and ``state_bytes_per_device``
-(what one device holds of the program's resident state: the train state for
-``train_step``, the parameters for ``denoise`` and ``sample``).
+Times one jitted program of the configured model after a warm-up and prints one JSON line
+last: ``median_s``, ``min_s``, ``times_s`` (every timed call), ``items_per_s``,
+``device``, ``peak_memory_bytes`` (device allocator peak where the backend reports one,
+else the process's peak RSS), ``run_peak_memory_bytes`` (CPU: the peak RSS over the timed
+calls alone, reset after the warm-up; None on accelerators), ``flops_per_device`` (XLA's
+cost analysis of the SPMD program, which is one device's share; it counts a loop body
+once: the chunked CPU attention's ``lax.map`` is undercounted), ``flops_per_item`` (summed
+over the devices, so work every device repeats, such as the update of replicated
+parameters, counts once per device), ``mfu`` (per-device FLOPs / time / the device's peak,
+where the peak is known) and ``state_bytes_per_device`` (what one device holds of the
+program's resident state: the train state for ``train_step``, the parameters for
+``denoise`` and ``sample``).
 
 ``--what``: ``train_step`` (a full AdamW step; the two-stream image stream frozen),
 ``denoise`` (one network call, no CFG), ``sample`` (the whole DPM-Solver++ sampler with CFG,
@@ -33,13 +33,16 @@ allocates nothing. XLA:CPU's buffer assignment and fusion
 differ from a TPU's or GPU's: temporaries are an estimate, the state exact.
 
 ``--reference=diffusers`` (``--what=denoise`` of a plain ``unet`` config, torch extra):
-after our run, diffusers' PyTorch ``UNet2DConditionModel`` (the same ``unet_config``,
-float32, its own random weights) runs the same shapes in a fresh process (so its peak RSS
-is its own) with the same warm-up and repeats; the record gains ``reference`` (its
-``median_s``, ``min_s``, ``peak_memory_bytes``, ``run_peak_memory_bytes``,
-``torch_threads``), ``time_ratio`` (our median / its median), ``memory_ratio`` (our peak
-RSS over the timed calls / its, both measured from the warm-up on) and
-``process_memory_ratio`` (the whole processes' peaks, set-up and compilation in)::
+diffusers' PyTorch ``UNet2DConditionModel`` (the same ``unet_config``, float32, its own
+random weights) runs the same shapes in a fresh process (so its peak RSS is its own) with
+the same warm-up and repeats, its timed calls alternating with ours (ours, its, ours, ...:
+both sides see the same drift of the machine's speed); the record gains ``reference``
+(its ``median_s``, ``min_s``, ``times_s``, ``peak_memory_bytes``,
+``run_peak_memory_bytes``, ``torch_threads``), ``time_ratio`` (our median / its median),
+``paired_time_ratio`` (the median over the pairs of adjacent calls of ours / its),
+``memory_ratio`` (our peak RSS over the timed calls / its, both measured from the warm-up
+on) and ``process_memory_ratio`` (the whole processes' peaks, set-up and compilation
+in)::
 
     python -m pdm_jax.benchmark --config=configs/pdm.py:unet,sd=1 --what=denoise \
         --batch_size=2 --reference=diffusers
@@ -54,8 +57,9 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -212,27 +216,13 @@ def _program(
 REFERENCES = ("none", "diffusers")
 
 
-def diffusers_reference(
-    config: Any, batch_size: int, repeats: int = 5, warmup: int = 1
+def _reference_request(
+    config: Any, batch_size: int, repeats: int, warmup: int, interleaved: bool
 ) -> dict[str, Any]:
-    """Times diffusers' PyTorch ``UNet2DConditionModel`` forward on the denoise shapes.
-
-    Runs ``pdm_jax/torch_reference.py`` in a fresh process (no JAX in it), so that
-    its peak RSS is PyTorch's own.
-
-    Args:
-      config: a run spec (or config) of the plain ``unet`` model.
-      batch_size: the batch.
-      repeats: timed calls.
-      warmup: untimed calls after the first.
-
-    Returns:
-      ``{"median_s", "min_s", "peak_memory_bytes", "peak_memory_source", "torch_threads",
-      "diffusers_unet_params"}``.
+    """The request ``pdm_jax/torch_reference.py`` takes for the denoise shapes of ``config``.
 
     Raises:
       ValueError: for a model other than the plain UNet, or without torch and diffusers.
-      RuntimeError: when the reference process fails (with its stderr).
     """
     config = specs.as_run_spec(config)
     m = config.model
@@ -247,26 +237,130 @@ def diffusers_reference(
             f"--reference=diffusers needs torch and diffusers (the torch extra); missing: "
             f"{', '.join(missing)}."
         )
-    request = {
+    return {
         "unet_config": resolve_unet_config(m.unet_config),
         "latent": [batch_size, m.in_chans, m.img_size, m.img_size],
         "context": [batch_size, m.num_clip_token, m.clip_dim],
         "timestep": 499,  # our t = 500 (the denoise benchmark's) is diffusers' index 499
         "warmup": warmup,
         "repeats": repeats,
+        "interleaved": interleaved,
     }
+
+
+_REFERENCE_SCRIPT = str(pathlib.Path(__file__).with_name("torch_reference.py"))
+
+
+def diffusers_reference(
+    config: Any, batch_size: int, repeats: int = 5, warmup: int = 1
+) -> dict[str, Any]:
+    """Times diffusers' PyTorch ``UNet2DConditionModel`` forward on the denoise shapes,
+    ``repeats`` calls back to back (``DiffusersReference`` alternates them with ours).
+
+    Runs ``pdm_jax/torch_reference.py`` in a fresh process (no JAX in it), so that
+    its peak RSS is PyTorch's own.
+
+    Args:
+      config: a run spec (or config) of the plain ``unet`` model.
+      batch_size: the batch.
+      repeats: timed calls.
+      warmup: untimed calls after the first.
+
+    Returns:
+      ``{"median_s", "min_s", "times_s", "peak_memory_bytes", "peak_memory_source",
+      "run_peak_memory_bytes", "torch_threads", "diffusers_unet_params"}``.
+
+    Raises:
+      ValueError: for a model other than the plain UNet, or without torch and diffusers.
+      RuntimeError: when the reference process fails (with its stderr).
+    """
+    request = _reference_request(config, batch_size, repeats, warmup, interleaved=False)
     result = subprocess.run(
-        [
-            sys.executable,
-            str(pathlib.Path(__file__).with_name("torch_reference.py")),
-            json.dumps(request),
-        ],
-        capture_output=True,
-        text=True,
+        [sys.executable, _REFERENCE_SCRIPT, json.dumps(request)], capture_output=True, text=True
     )
     if result.returncode:
         raise RuntimeError(f"The diffusers reference failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class DiffusersReference:
+    """diffusers' PyTorch UNet forward in a fresh process, timed one call at a time.
+
+    ``start()`` builds and warms it up; each ``time_call()`` runs one timed forward there
+    (our process idles meanwhile) and returns its seconds; ``finish()`` returns its record
+    (``diffusers_reference``'s, over the calls made). ``run_benchmark(between=...)``
+    alternates these calls with ours, so that both sides are timed over the same stretch
+    of a machine whose speed drifts (on a shared 2-core VM the same forward wandered from
+    11 to 17 s within minutes). Use it as a context manager: the process is killed on the
+    way out if it is still running.
+
+    Raises (``__init__``):
+      ValueError: for a model other than the plain UNet, or without torch and diffusers.
+    """
+
+    def __init__(self, config: Any, batch_size: int, warmup: int = 1):
+        self._request = _reference_request(config, batch_size, 0, warmup, interleaved=True)
+        self._process: subprocess.Popen | None = None
+        self._stderr: Any = None
+
+    def __enter__(self) -> "DiffusersReference":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+
+    def start(self) -> None:
+        """Starts the process and waits until it has made its untimed calls.
+
+        Raises:
+          RuntimeError: when the process fails (with its stderr).
+        """
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed on exit)
+        self._process = subprocess.Popen(
+            [sys.executable, _REFERENCE_SCRIPT, json.dumps(self._request)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        try:
+            self._read("ready")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _read(self, key: str) -> dict[str, Any]:
+        """The next JSON message of the process, which must hold ``key``."""
+        line = self._process.stdout.readline()
+        if not line:
+            self._process.wait()
+            self._stderr.seek(0)
+            raise RuntimeError(f"The diffusers reference failed:\n{self._stderr.read()[-3000:]}")
+        message = json.loads(line)
+        if key not in message:
+            raise RuntimeError(f"The diffusers reference sent {line.strip()!r}, not {key!r}.")
+        return message
+
+    def _send(self, command: str) -> None:
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+
+    def time_call(self) -> float:
+        """Runs one timed forward in the reference process; returns its seconds."""
+        self._send("run")
+        return float(self._read("seconds")["seconds"])
+
+    def finish(self) -> dict[str, Any]:
+        """Ends the process; returns its record over the calls made."""
+        self._send("done")
+        record = self._read("median_s")
+        self._process.wait()
+        return record
 
 
 def _device_peak(device: jax.Device) -> tuple[int, str] | None:
@@ -304,8 +398,13 @@ def run_benchmark(
     repeats: int = 5,
     warmup: int = 1,
     devices: Sequence[jax.Device] | None = None,
+    between: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Compiles, warms up and times the program on ``devices`` (default: all).
+
+    Args:
+      between: called after each timed call, outside its timing (e.g.
+        ``DiffusersReference.time_call``, to alternate the reference's calls with ours).
 
     Returns:
       The result record (see the module docstring).
@@ -326,6 +425,8 @@ def run_benchmark(
             t0 = time.perf_counter()
             jax.block_until_ready(run(compiled))
             times.append(time.perf_counter() - t0)
+            if between is not None:
+                between()
     median = statistics.median(times)
     device = (list(devices) if devices else jax.devices())[0]
     peak, peak_source = _device_peak(device) or (rss.process_bytes, rss.source)
@@ -336,6 +437,7 @@ def run_benchmark(
         "batch_size": batch_size,
         "median_s": median,
         "min_s": min(times),
+        "times_s": times,
         "items_per_s": batch_size / median,
         "first_call_s": compile_s,
         "repeats": repeats,
@@ -515,14 +617,16 @@ def main(argv: list[str], defined: dict[str, flags.FlagHolder]) -> None:
         if num_devices is not None or not compile_step:
             raise app.UsageError("--devices and --nocompile are for --what=plan only.")
         sharding.setup_cpu_devices(values["config"], values["batch_size"])
-        record = run_benchmark(**values)
         if reference == "diffusers":
-            record = with_reference(
-                record,
-                diffusers_reference(
-                    values["config"], values["batch_size"], values["repeats"], values["warmup"]
-                ),
-            )
+            # Started first: its set-up overlaps our compilation, its timed calls alternate
+            # with ours.
+            with DiffusersReference(
+                values["config"], values["batch_size"], values["warmup"]
+            ) as ref:
+                record = run_benchmark(**values, between=ref.time_call)
+                record = with_reference(record, ref.finish())
+        else:
+            record = run_benchmark(**values)
     print(json.dumps(record))
 
 
@@ -535,10 +639,12 @@ def with_reference(record: dict[str, Any], reference: dict[str, Any]) -> dict[st
     """
     ours, theirs = record.get("run_peak_memory_bytes"), reference.get("run_peak_memory_bytes")
     whole = record["peak_memory_bytes"] / reference["peak_memory_bytes"]
+    pairs = [a / b for a, b in zip(record["times_s"], reference["times_s"], strict=False)]
     return {
         **record,
         "reference": reference,
         "time_ratio": record["median_s"] / reference["median_s"],
+        "paired_time_ratio": statistics.median(pairs) if pairs else None,
         "memory_ratio": ours / theirs if ours and theirs else whole,
         "process_memory_ratio": whole,
     }

@@ -446,26 +446,50 @@ def load_params(
     return params, str(root / str(step))
 
 
+def with_frozen_params(ema_params: Any, params: Any) -> Any:
+    """The full EMA parameter tree: each frozen leaf's placeholder replaced by its parameter.
+
+    The train state keeps no EMA copy of a frozen parameter (the two-stream image stream
+    with ``ckpt.freeze_image_stream``): it never changes, so its EMA is the parameter
+    itself, and its ``ema_params`` leaf is a scalar placeholder (a scalar parameter keeps a
+    real copy). A leaf whose shape differs from its parameter's is such a placeholder.
+
+    Args:
+      ema_params: the state's ``ema_params``.
+      params: the state's ``params`` (same tree structure).
+
+    Returns:
+      ``ema_params`` with every placeholder replaced by the parameter.
+    """
+    return jax.tree.map(lambda e, p: e if e.shape == p.shape else p, ema_params, params)
+
+
 def _read_params(manager: ocp.CheckpointManager, step: int, use_ema: bool) -> Any:
     """The (EMA) parameters of one step as host arrays (``load_params``'s read)."""
     root = epath.Path(manager.directory)
     tree = _state_tree(manager, step)
-    key = "ema_params" if use_ema and "ema_params" in tree else "params"
-    if key not in tree:
+    if "params" not in tree:
         raise ConfigMismatchError(
             f"The checkpoint at {root / str(step)} has no 'params' in its state item "
             f"(found {sorted(tree)}); it is not a pdm_jax checkpoint."
         )
+    keys = ["ema_params", "params"] if use_ema and "ema_params" in tree else ["params"]
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    sub = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])}
+    sub = {
+        key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])
+        for key in keys
+    }
     args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), sub)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
             **{STATE: ocp.args.PyTreeRestore(item=sub, restore_args=args, partial_restore=True)}
         ),
-    )
-    return jax.tree.map(np.asarray, restored[STATE][key])
+    )[STATE]
+    params = restored["params"]
+    if "ema_params" in restored:  # frozen leaves: their parameter (with_frozen_params)
+        params = with_frozen_params(restored["ema_params"], params)
+    return jax.tree.map(np.asarray, params)
 
 
 def read_state_on_host(manager: ocp.CheckpointManager, step: int) -> Any:

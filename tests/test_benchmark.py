@@ -1,6 +1,7 @@
 """Tests of ``pdm_jax.benchmark`` on the tiny demo model (CPU)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -207,6 +208,12 @@ def test_denoise_against_diffusers_reports_the_ratio(tmp_path):
     assert ref["peak_memory_source"] == "process_vmhwm"
     assert ref["peak_memory_bytes"] != record["peak_memory_bytes"]
     assert record["time_ratio"] == pytest.approx(record["median_s"] / ref["median_s"])
+    # Its calls alternate with ours: one timed call of its per one of ours.
+    assert len(ref["times_s"]) == len(record["times_s"]) == 2
+    assert ref["median_s"] == pytest.approx(statistics.median(ref["times_s"]))
+    assert record["paired_time_ratio"] == pytest.approx(
+        statistics.median(a / b for a, b in zip(record["times_s"], ref["times_s"], strict=True))
+    )
     assert 0 < ref["run_peak_memory_bytes"] <= ref["peak_memory_bytes"]
     assert record["memory_ratio"] == pytest.approx(
         record["run_peak_memory_bytes"] / ref["run_peak_memory_bytes"]
@@ -216,3 +223,23 @@ def test_denoise_against_diffusers_reports_the_ratio(tmp_path):
     )
     with pytest.raises(ValueError, match="compares the plain SD UNet"):
         benchmark.diffusers_reference(pdm_configs.get_config("unet_one_stream,tiny=1"), 2)
+    with pytest.raises(ValueError, match="compares the plain SD UNet"):
+        benchmark.DiffusersReference(pdm_configs.get_config("unet_one_stream,tiny=1"), 2)
+
+
+@pytest.mark.torch
+def test_diffusers_reference_times_one_call_per_command_and_reports_failures():
+    pytest.importorskip("diffusers")
+    config = small_unet.use_two_level_unet(pdm_configs.get_config("unet,tiny=1"))
+    with benchmark.DiffusersReference(config, batch_size=1, warmup=0) as ref:
+        seconds = [ref.time_call() for _ in range(3)]
+        record = ref.finish()
+    assert record["times_s"] == pytest.approx(seconds)
+    assert record["median_s"] == pytest.approx(statistics.median(seconds))
+    # The back-to-back form times `repeats` calls without commands.
+    assert len(benchmark.diffusers_reference(config, 1, repeats=2, warmup=0)["times_s"]) == 2
+    # A process that dies says why (here: a config diffusers cannot build).
+    broken = benchmark.DiffusersReference(config, batch_size=1, warmup=0)
+    broken._request["unet_config"] = {**broken._request["unet_config"], "block_out_channels": [7]}
+    with pytest.raises(RuntimeError, match="diffusers reference failed"), broken:
+        pass

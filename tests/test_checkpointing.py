@@ -118,12 +118,21 @@ def test_init_from_uvit_fills_the_two_stream_image_stream(tmp_path):
         specs.from_config(config), tmp_path / "pdm", mesh, manager
     )
     assert "ckpt.init_from" in origin and int(state.step) == 0
-    params, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
+    params = jax.device_get(state.params)
+    ema = jax.device_get(checkpointing.with_frozen_params(state.ema_params, state.params))
     uvit_params = jax.device_get(saved.ema_params)
     for name, value in uvit_params.items():
         chex.assert_trees_all_equal(params[name], value)
         chex.assert_trees_all_equal(ema[name], value)  # EMA starts from the pretrained stream
+        # The frozen stream keeps no EMA copy in the state: scalar placeholders.
+        assert all(leaf.shape == () for leaf in jax.tree.leaves(state.ema_params[name]))
     assert set(params) - set(uvit_params)  # the map stream is there, freshly initialised
+    # Saved and read back for sampling: the EMA tree comes back whole.
+    saved_states.save_state(tmp_path / "pdm", state, config)
+    loaded, _ = checkpointing.load_params(tmp_path / "pdm", use_ema=True)
+    chex.assert_trees_all_equal(loaded, ema)
+    raw, _ = checkpointing.load_params(tmp_path / "pdm", use_ema=False)
+    chex.assert_trees_all_equal(raw, params)
 
 
 def test_init_from_a_plain_one_stream_starts_the_token_fusion_layers_at_zero(tmp_path):

@@ -108,6 +108,25 @@ def make_optimizer(config: RunSpec, params: Any) -> optax.GradientTransformation
     )
 
 
+def initial_ema(config: RunSpec, params: Any) -> Any:
+    """The EMA parameters a fresh state starts from: a copy of each trainable parameter
+    and, for a frozen one (never updated, so its EMA is itself), a scalar placeholder.
+
+    Saves a full copy of the frozen image stream (3.44 GB for SD 1.x's UNet in
+    ``unet_two_stream``); ``checkpointing.with_frozen_params`` gives the full tree back.
+    A frozen scalar parameter keeps a real copy, so a placeholder is always told from a
+    parameter by its shape.
+    """
+    labels = trainable_labels(config, params)
+
+    def one(label: str, p: jax.Array) -> jax.Array:
+        if label == "frozen" and p.ndim:
+            return jnp.zeros((), p.dtype)
+        return jnp.copy(p)
+
+    return jax.tree.map(one, labels, params)
+
+
 def init_train_state(
     config: RunSpec,
     rng: jax.Array,
@@ -121,7 +140,7 @@ def init_train_state(
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
+        ema_params=initial_ema(config, params),
         opt_state=tx.init(params),
         rng=state_rng,
     )
@@ -130,10 +149,10 @@ def init_train_state(
 def state_shardings(config: RunSpec, mesh: Mesh, abstract_state: TrainState) -> TrainState:
     """Sharding of every state leaf, from the model's logical axes.
 
-    Parameters, EMA parameters (the frozen image stream's too) and the Adam moments of
-    each parameter are laid out like that parameter (``param_shardings``: FSDP over
-    ``fsdp``, heads and MLP hidden over ``tensor``); step, RNG and optimizer counts are
-    replicated.
+    Parameters, EMA parameters and the Adam moments of each parameter are laid out like
+    that parameter (``param_shardings``: FSDP over ``fsdp``, heads and MLP hidden over
+    ``tensor``); step, RNG, optimizer counts and the scalar EMA placeholders of frozen
+    parameters are replicated.
 
     Args:
       config: the run's spec (its model).

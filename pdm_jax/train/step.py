@@ -82,7 +82,12 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = config.optim.ema_decay
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+    # A frozen parameter's EMA is a placeholder of another shape (state.initial_ema): kept.
+    ema_params = jax.tree.map(
+        lambda e, p: decay * e + (1 - decay) * p if e.shape == p.shape else e,
+        state.ema_params,
+        params,
+    )
     metrics = dict(
         metrics,
         grad_norm=optax.global_norm(grads),

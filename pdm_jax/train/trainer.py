@@ -96,7 +96,7 @@ def _write_sample_grid(
     path: epath.Path,
 ) -> None:
     prompts = list(info.eval_prompts)
-    sampler.set_params(state.ema_params)
+    sampler.set_params(checkpointing.with_frozen_params(state.ema_params, state.params))
     samples = sampler(list(range(len(prompts))), captions=prompts, task="cogenerate")
     if jax.process_index() == 0:  # every process samples (the params span them all)
         grid = visualize.sample_grid(
@@ -159,7 +159,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
             config.diffusion,
             config.sampler,
             info,
-            state.ema_params,
+            checkpointing.with_frozen_params(state.ema_params, state.params),
             mesh=mesh,
             batch_size=len(info.eval_prompts),
         )

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from configs import pdm as pdm_configs
-from pdm_jax import models, sharding, specs
+from pdm_jax import checkpointing, models, sharding, specs
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import analog_bits, losses
 from pdm_jax.train import state as state_lib
@@ -161,6 +161,21 @@ def test_frozen_image_stream_gets_no_update_map_stream_does():
     assert sum(changed[k] for k in map_blocks) > 0.9 * len(map_blocks)
     # Frozen leaves carry no Adam moments.
     assert len(jax.tree.leaves(state.opt_state)) < 2 * len(jax.tree.leaves(state.params)) + 4
+    # ... and no EMA copy: a scalar placeholder, kept through the step; the trainable
+    # leaves' EMA moved. with_frozen_params gives the full tree back.
+    ema = flat(jax.device_get(state.ema_params))
+    assert all(ema[k].shape == () for k in image_keys if flat(before)[k].ndim)
+    assert all(ema[k].shape == flat(after)[k].shape for k in map_keys)
+    decay = config.optim.ema_decay
+    for k in map_keys:
+        np.testing.assert_allclose(
+            ema[k], decay * flat(before)[k] + (1 - decay) * flat(after)[k], rtol=1e-6, atol=1e-7
+        )
+    full = flat(checkpointing.with_frozen_params(state.ema_params, state.params))
+    assert all(np.array_equal(full[k], flat(after)[k]) for k in image_keys)
+    assert all(np.array_equal(full[k], ema[k]) for k in map_keys)
+    placeholders = [leaf for leaf in jax.tree.leaves(state.ema_params) if leaf.shape == ()]
+    assert placeholders and all(leaf.sharding.is_fully_replicated for leaf in placeholders)
 
 
 def test_ema_follows_the_params():
