@@ -200,7 +200,8 @@ def _program(
         m_t = jnp.zeros((batch_size, side, side, config.model.num_bits), jnp.float32)
     t = jnp.full((batch_size,), 500.0)
     if what == "denoise":
-        fn = sharding.MeshProgram(jax.jit(denoise), mesh)
+        options = sharding.inference_compiler_options(mesh)  # as the sampler's programs
+        fn = sharding.MeshProgram(jax.jit(denoise, compiler_options=options), mesh)
         args = (params, batch["latent"], m_t, t, batch["context"])
         return fn, (lambda: args), (lambda compiled: compiled(*args))
     solver = dataclasses.replace(config.sampler, steps=steps) if steps else config.sampler

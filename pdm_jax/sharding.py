@@ -268,6 +268,26 @@ def mirror_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+# XLA:CPU's default scheduler starts buffers long before they are used: in SD 1.x's UNet
+# the zero-initialised outputs of later attention layers' ``lax.map`` are already live at
+# the first 64×64 feed-forward, where the temporaries peak. The memory-optimised scheduler
+# orders the program for the smallest peak: SD-1 denoise at batch 2 keeps 209 MB of
+# temporaries instead of 281 MB.
+CPU_INFERENCE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def inference_compiler_options(mesh: Mesh) -> dict[str, str] | None:
+    """XLA options for a forward-only program (denoising, sampling) on ``mesh``.
+
+    Returns:
+      ``CPU_INFERENCE_OPTIONS`` on a CPU mesh, else None (GPU and TPU schedule for memory
+      themselves).
+    """
+    if mesh.devices.flat[0].platform == "cpu":
+        return dict(CPU_INFERENCE_OPTIONS)
+    return None
+
+
 class MeshProgram:
     """A jitted function traced and run inside its mesh and ``LOGICAL_AXIS_RULES``.
 

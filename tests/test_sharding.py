@@ -182,3 +182,16 @@ def test_every_logical_name_of_every_model_has_a_rule():
     used |= {a for axes in activations for a in axes if a}
     assert {"embed", "mlp", "heads", "kv", "conv_in", "conv_out", "batch", "length"} <= used
     assert used <= ruled, used - ruled
+
+
+def test_inference_compiler_options_only_for_cpu_meshes():
+    mesh = sharding.create_mesh()
+    assert sharding.inference_compiler_options(mesh) == sharding.CPU_INFERENCE_OPTIONS
+
+    class Device:
+        platform = "tpu"
+
+    class Mesh:
+        devices = np.array([Device()])
+
+    assert sharding.inference_compiler_options(Mesh()) is None

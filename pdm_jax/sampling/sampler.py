@@ -173,6 +173,7 @@ def program(spec: ProgramSpec):
             *(given(flag) for flag in spec.known),
         ),
         out_shardings=sharding.replicated(spec.mesh),
+        compiler_options=sharding.inference_compiler_options(spec.mesh),
     )
     return sharding.MeshProgram(jitted, spec.mesh, exclude=batch_axes)
 
