@@ -217,10 +217,9 @@ def _program(
 REFERENCES = ("none", "diffusers")
 
 
-def _reference_request(
-    config: Any, batch_size: int, repeats: int, warmup: int, interleaved: bool
-) -> dict[str, Any]:
-    """The request ``pdm_jax/torch_reference.py`` takes for the denoise shapes of ``config``.
+def _reference_request(config: Any, batch_size: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """The request ``pdm_jax/torch_reference.py`` takes for the denoise shapes of ``config``
+    (``repeats`` calls back to back; 0: one per ``run`` command on its stdin).
 
     Raises:
       ValueError: for a model other than the plain UNet, or without torch and diffusers.
@@ -245,7 +244,6 @@ def _reference_request(
         "timestep": 499,  # our t = 500 (the denoise benchmark's) is diffusers' index 499
         "warmup": warmup,
         "repeats": repeats,
-        "interleaved": interleaved,
     }
 
 
@@ -275,7 +273,7 @@ def diffusers_reference(
       ValueError: for a model other than the plain UNet, or without torch and diffusers.
       RuntimeError: when the reference process fails (with its stderr).
     """
-    request = _reference_request(config, batch_size, repeats, warmup, interleaved=False)
+    request = _reference_request(config, batch_size, repeats, warmup)
     result = subprocess.run(
         [sys.executable, _REFERENCE_SCRIPT, json.dumps(request)], capture_output=True, text=True
     )
@@ -300,7 +298,7 @@ class DiffusersReference:
     """
 
     def __init__(self, config: Any, batch_size: int, warmup: int = 1):
-        self._request = _reference_request(config, batch_size, 0, warmup, interleaved=True)
+        self._request = _reference_request(config, batch_size, 0, warmup)
         self._process: subprocess.Popen | None = None
         self._stderr: Any = None
 

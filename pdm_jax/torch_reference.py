@@ -10,7 +10,8 @@ The process builds the UNet (random weights), makes the untimed calls (the first
 ``run`` times one forward call and prints ``{"seconds": s}``; ``done`` (or the end of
 stdin) prints the record and exits. The benchmark alternates these calls with its own, so
 that both sides are timed over the same stretch of a machine whose speed drifts. With
-``repeats`` > 0 in the request and nothing on stdin it times that many calls back to back.
+``repeats`` > 0 in the request it reads no commands and times that many calls back to
+back.
 
 The last line printed is the JSON record ``{"median_s", "min_s", "times_s",
 "peak_memory_bytes", "peak_memory_source", "run_peak_memory_bytes", "torch_threads",
@@ -60,9 +61,10 @@ def serve(
 
     Args:
       request: the JSON request described in the module docstring.
-      commands: lines (``run`` / ``done``); None: time ``request["repeats"]`` calls.
-      emit: called with ``{"ready": True}`` after the warm-up and ``{"seconds": s}`` after
-        each commanded call.
+      commands: lines (``run`` / ``done``); None: time ``request["repeats"]`` calls back to
+        back.
+      emit: called with ``{"ready": True}`` after the warm-up and, when commands are
+        given, ``{"seconds": s}`` after each call.
 
     Returns:
       The record described in the module docstring.
@@ -74,7 +76,8 @@ def serve(
     for _ in range(1 + request["warmup"]):  # the first call is not timed (as ours)
         forward()
     emit({"ready": True})
-    if commands is None:
+    commanded = commands is not None
+    if not commanded:
         commands = ["run"] * int(request["repeats"])
     times = []
     with phase_peak() as rss:
@@ -87,7 +90,7 @@ def serve(
             t0 = time.perf_counter()
             forward()
             times.append(time.perf_counter() - t0)
-            if request.get("interleaved"):
+            if commanded:
                 emit({"seconds": times[-1]})
     if not times:
         raise ValueError("No forward call was timed: send at least one 'run'.")
@@ -109,4 +112,4 @@ def _emit(message: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    _emit(serve(request, sys.stdin if request.get("interleaved") else None, _emit))
+    _emit(serve(request, None if request["repeats"] else sys.stdin, _emit))

@@ -44,12 +44,16 @@ def _compile_denoise(config):
     return fn.lower(*args_fn()).compile()
 
 
-def test_forward_programs_compile_with_the_memory_scheduler_on_cpu(monkeypatch):
+def test_forward_programs_compile_with_the_cpu_inference_options(monkeypatch):
     config = small_unet.use_two_level_unet(pdm_configs.get_config("unet,tiny=1"))
-    ours = _compile_denoise(config).memory_analysis().temp_size_in_bytes
+    ours = _compile_denoise(config)
     monkeypatch.setattr(sharding, "inference_compiler_options", lambda mesh: None)
-    default = _compile_denoise(config).memory_analysis().temp_size_in_bytes
-    assert ours < default  # the UNet's temporaries shrink (SD-1: 281 -> 209 MB)
+    default = _compile_denoise(config)
+    # The memory scheduler: the UNet's temporaries shrink (SD-1: 281 -> 209 MB).
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes
+    assert temp(ours) < temp(default)
+    # No YNNPACK fusions, which XLA:CPU makes by default.
+    assert ours.as_text().count("ynn_fusion") == 0 < default.as_text().count("ynn_fusion")
     # The options reach the sampler's programs and the denoise benchmark: a bad value fails
     # their compilation.
     bad = {"xla_cpu_scheduler_type": "NOT_A_SCHEDULER"}

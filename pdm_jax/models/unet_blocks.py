@@ -45,14 +45,52 @@ def constrain_map(x: Array) -> Array:
 
 
 # XLA:CPU's convolution runs at a third to a half of its matmul speed on small feature maps
-# with many channels (SD's 8×8 × 1,280 level). There an im2col convolution (the k×k shifted
-# views side by side, one matmul) is faster: 3× at 8×8 × 1,280 and 1.2× at 16×16 × 1,280 on
-# the 2-core development CPU, and slower from 32×32 up (README, UNet benchmark).
-IM2COL_MAX_PIXELS = 256
-IM2COL_MIN_CHANNELS = 256
+# with many channels (SD's 8×8 × 1,280 level). There a convolution as matmuls is faster:
+# 3× at 8×8 × 1,280 and 1.2× at 16×16 × 1,280 on the 2-core development CPU, and slower
+# from 32×32 up (README, UNet benchmark). One matmul per kernel tap, accumulated in a scan,
+# runs as fast as one matmul of the nine views side by side (im2col) and needs a third of
+# its memory: 28 vs 89 MB at 16×16 × 2,560 → 1,280, the decoder's largest.
+TAP_MATMUL_MAX_PIXELS = 256
+TAP_MATMUL_MIN_CHANNELS = 256
+
+# On CPU the feed-forward runs over blocks of tokens. At SD's 64×64 level the GEGLU
+# hidden of one batch-2 call is [2, 4096, 2560] float32 (84 MB), with its gated half
+# (42 MB) the largest pair of tensors in the whole forward; XLA holds its temporaries as
+# one block for the whole call, so that peak sets the call's memory. Blocks whose hidden
+# fits 16 MiB cut it five-fold at no cost in time (README, UNet benchmark).
+FF_BLOCK_BYTES = 16 * 2**20
 
 
-def _use_im2col(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dims, groups) -> bool:
+def feed_forward_rows(
+    batch: int,
+    length: int,
+    hidden: int,
+    itemsize: int,
+    backend: str | None = None,
+    block_bytes: int = FF_BLOCK_BYTES,
+) -> int:
+    """Tokens per block of the feed-forward's GEGLU hidden ``[batch, rows, hidden]``.
+
+    Args:
+      batch: batch size B.
+      length: tokens T.
+      hidden: width of the GEGLU projection (2 × inner).
+      itemsize: bytes per element of the compute dtype.
+      backend: JAX's backend name (default: ``jax.default_backend()``).
+      block_bytes: budget for one block's hidden on CPU.
+
+    Returns:
+      T off CPU or when the whole hidden fits the budget; otherwise the largest divisor of
+      T whose block fits it (at least 1).
+    """
+    backend = jax.default_backend() if backend is None else backend
+    target = max(1, block_bytes // (batch * hidden * itemsize))
+    if backend != "cpu" or target >= length:
+        return length
+    return max(d for d in range(1, target + 1) if length % d == 0)
+
+
+def _use_tap_matmuls(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dims, groups) -> bool:
     specs = (dims.lhs_spec, dims.rhs_spec, dims.out_spec)
     nhwc = specs == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
     return (
@@ -64,8 +102,8 @@ def _use_im2col(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dims, grou
         and tuple(lhs_dilation or (1, 1)) == (1, 1)
         and tuple(rhs_dilation or (1, 1)) == (1, 1)
         and rhs.shape[0] * rhs.shape[1] > 1
-        and lhs.shape[1] * lhs.shape[2] <= IM2COL_MAX_PIXELS
-        and lhs.shape[3] >= IM2COL_MIN_CHANNELS
+        and lhs.shape[1] * lhs.shape[2] <= TAP_MATMUL_MAX_PIXELS
+        and lhs.shape[3] >= TAP_MATMUL_MIN_CHANNELS
     )
 
 
@@ -80,29 +118,32 @@ def conv_general_dilated(
     feature_group_count: int = 1,
     precision=None,
 ) -> Array:
-    """``lax.conv_general_dilated`` with an im2col path for small CPU feature maps.
+    """``lax.conv_general_dilated`` with a matmul path for small CPU feature maps.
 
     The signature ``nn.Conv`` calls. On CPU, a stride-1, undilated, ungrouped NHWC
-    convolution with a kernel larger than 1×1 over at most ``IM2COL_MAX_PIXELS`` pixels
-    and at least ``IM2COL_MIN_CHANNELS`` input channels becomes one matmul of the
-    ``k×k`` shifted views of the padded input against the kernel reshaped to
-    ``[k·k·C_in, C_out]``; everything else is XLA's convolution. Both compute the same
-    sums (to float32 rounding).
+    convolution with a kernel larger than 1×1 over at most ``TAP_MATMUL_MAX_PIXELS`` pixels
+    and at least ``TAP_MATMUL_MIN_CHANNELS`` input channels becomes ``k×k`` matmuls, one per
+    kernel tap (the shifted view of the padded input against ``kernel[i, j]``), summed in
+    a ``lax.scan`` so that one view is alive at a time; everything else is XLA's
+    convolution. Both compute the same sums (to float32 rounding).
     """
     dims = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    if not isinstance(padding, str) and _use_im2col(
+    if not isinstance(padding, str) and _use_tap_matmuls(
         lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dims, feature_group_count
     ):
         kh, kw, cin, cout = rhs.shape
         (top, bottom), (left, right) = padding
         x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-        h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-        cols = jnp.concatenate(
-            [x[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)], axis=-1
-        )
-        return jnp.einsum(
-            "bhwk,ko->bhwo", cols, rhs.reshape(kh * kw * cin, cout), precision=precision
-        )
+        b, h, w = x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1
+
+        def tap(acc, k_w):
+            k, w_k = k_w
+            view = jax.lax.dynamic_slice(x, (0, k // kw, k % kw, 0), (b, h, w, cin))
+            return acc + jnp.einsum("bhwc,co->bhwo", view, w_k, precision=precision), None
+
+        init = jnp.zeros((b, h, w, cout), jnp.result_type(lhs.dtype, rhs.dtype))
+        taps = (jnp.arange(kh * kw), rhs.reshape(kh * kw, cin, cout))
+        return jax.lax.scan(tap, init, taps)[0]
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,
@@ -319,7 +360,11 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward: ``net_0`` (GEGLU, D → 4D) → ``net_2`` (4D → D)."""
+    """GEGLU feed-forward: ``net_0`` (GEGLU, D → 4D) → ``net_2`` (4D → D).
+
+    Tokens are independent here, so on CPU a long sequence runs in blocks of
+    ``feed_forward_rows`` tokens (the same result, a fraction of the memory).
+    """
 
     mult: int = 4
     dtype: Dtype = jnp.float32
@@ -329,10 +374,18 @@ class FeedForward(nn.Module):
     def __call__(self, x: Array) -> Array:
         """``[B, T, D] -> [B, T, D]``."""
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        d = x.shape[-1]
+        b, length, d = x.shape
         inner = self.mult * d
-        y = GEGLU(inner, name="net_0", **kw)(x)
-        return linear(d, inner, ("mlp", "embed"), name="net_2", **kw)(y)
+        net_0 = GEGLU(inner, name="net_0", **kw)
+        net_2 = linear(d, inner, ("mlp", "embed"), name="net_2", **kw)
+        dtype = jnp.result_type(x.dtype, self.dtype) if self.dtype is not None else x.dtype
+        rows = feed_forward_rows(
+            b, length, 2 * inner, jnp.dtype(dtype).itemsize, block_bytes=FF_BLOCK_BYTES
+        )
+        if rows == length:
+            return net_2(net_0(x))
+        blocks = [net_2(net_0(x[:, s : s + rows])) for s in range(0, length, rows)]
+        return jnp.concatenate(blocks, axis=1)
 
 
 class Resample(nn.Module):

@@ -124,7 +124,7 @@ def _lax_conv(x, w, stride=1, padding=((1, 1), (1, 1))):
 
 
 @pytest.mark.parametrize(
-    ("shape", "kernel", "padding", "im2col"),
+    ("shape", "kernel", "padding", "matmuls"),
     [
         ((2, 8, 8, 256), 3, ((1, 1), (1, 1)), True),  # SD's 8×8 × 1,280 level, scaled down
         ((1, 16, 16, 256), 3, ((1, 1), (1, 1)), True),
@@ -134,14 +134,16 @@ def _lax_conv(x, w, stride=1, padding=((1, 1), (1, 1))):
         ((1, 8, 8, 256), 1, ((0, 0), (0, 0)), False),  # 1×1: a matmul already
     ],
 )
-def test_conv_im2col_path_equals_xla_convolution_with_gradients(shape, kernel, padding, im2col):
+def test_conv_tap_matmul_path_equals_xla_convolution_with_gradients(
+    shape, kernel, padding, matmuls
+):
     from pdm_jax.models import unet_blocks
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 24)).astype(np.float32))
     dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    assert unet_blocks._use_im2col(x, w, (1, 1), None, None, dims, 1) is im2col
+    assert unet_blocks._use_tap_matmuls(x, w, (1, 1), None, None, dims, 1) is matmuls
 
     def ours(x, w):
         return unet_blocks.conv_general_dilated(
@@ -164,8 +166,54 @@ def test_strided_conv_takes_xla_path():
 
     x, w = jnp.ones((1, 8, 8, 256)), jnp.ones((3, 3, 256, 8))
     dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    assert not unet_blocks._use_im2col(x, w, (2, 2), None, None, dims, 1)
+    assert not unet_blocks._use_tap_matmuls(x, w, (2, 2), None, None, dims, 1)
     got = unet_blocks.conv_general_dilated(
         x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     np.testing.assert_array_equal(got, _lax_conv(x, w, stride=2))
+
+
+def test_tap_matmul_conv_holds_one_shifted_view_at_a_time():
+    # One matmul per kernel tap, summed in a scan: less memory than the nine views side by
+    # side (im2col), whose column matrix alone is 16·16·9·256·4 B = 2.4 MB here.
+    from pdm_jax.models import unet_blocks
+
+    x, w = jnp.ones((1, 16, 16, 256)), jnp.ones((3, 3, 256, 64))
+    conv = lambda x, w: unet_blocks.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    temp = jax.jit(conv).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 16 * 16 * 9 * 256 * 4 / 2
+
+
+def test_feed_forward_rows_fit_the_budget_on_cpu_only():
+    from pdm_jax.models import unet_blocks
+
+    # SD-1's 64×64 level at batch 2: the GEGLU hidden is [2, 4096, 2560] float32 (84 MB).
+    assert unet_blocks.feed_forward_rows(2, 4096, 2560, 4, "cpu") == 512  # 10.5 MB
+    assert unet_blocks.feed_forward_rows(2, 4096, 2560, 4, "gpu") == 4096
+    assert unet_blocks.feed_forward_rows(2, 256, 10240, 4, "cpu") == 128  # 16×16 × 1,280: 21 MB
+    assert unet_blocks.feed_forward_rows(1, 64, 64, 4, "cpu") == 64  # fits: one block
+    assert unet_blocks.feed_forward_rows(1, 15, 64, 4, "cpu", block_bytes=4 * 64 * 4) == 3
+
+
+def test_feed_forward_in_token_blocks_equals_one_block(monkeypatch):
+    from pdm_jax.models import unet_blocks
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 24, 16)).astype(np.float32))
+    ff = unet_blocks.FeedForward()
+    params = ff.init(jax.random.key(0), x)
+
+    def loss(p, x):
+        return jnp.sum(ff.apply(p, x) ** 2)
+
+    whole = ff.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    jaxpr = str(jax.make_jaxpr(ff.apply)(params, x))
+    assert jaxpr.count("dot_general") == 2  # one block: GEGLU's proj and net_2
+    # A budget of 6 tokens' hidden: blocks of 6 rows, four of them.
+    monkeypatch.setattr(unet_blocks, "FF_BLOCK_BYTES", 2 * 6 * 128 * 4)
+    jaxpr = str(jax.make_jaxpr(ff.apply)(params, x))
+    assert jaxpr.count("dot_general") == 2 * 4
+    blocked = ff.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
