@@ -277,22 +277,25 @@ def mirror_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -
 #   (12.66 vs 12.72 s, alternating in one process) and 60 MB less resident at the peak
 #   (4.26 vs 4.32 GB, two runs each), as YNNPACK keeps its fused intermediates outside
 #   XLA's buffer plan.
-CPU_INFERENCE_OPTIONS = {
-    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
-    "xla_cpu_experimental_ynn_fusion_type": "",
-}
+#   Single-device meshes only: with several CPU devices in one process, XLA's own dot
+#   kernels share the Eigen pool with the collectives, and an all-gather of an 8-device
+#   test mesh on 2 cores timed out waiting for its participants.
+CPU_INFERENCE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+CPU_SINGLE_DEVICE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def inference_compiler_options(mesh: Mesh) -> dict[str, str] | None:
     """XLA options for a forward-only program (denoising, sampling) on ``mesh``.
 
     Returns:
-      ``CPU_INFERENCE_OPTIONS`` on a CPU mesh, else None (GPU and TPU schedule for memory
-      themselves).
+      ``CPU_INFERENCE_OPTIONS`` on a CPU mesh (with ``CPU_SINGLE_DEVICE_OPTIONS`` on one
+      device), else None (GPU and TPU schedule for memory themselves).
     """
-    if mesh.devices.flat[0].platform == "cpu":
-        return dict(CPU_INFERENCE_OPTIONS)
-    return None
+    if mesh.devices.flat[0].platform != "cpu":
+        return None
+    if mesh.devices.size == 1:
+        return {**CPU_INFERENCE_OPTIONS, **CPU_SINGLE_DEVICE_OPTIONS}
+    return dict(CPU_INFERENCE_OPTIONS)
 
 
 class MeshProgram:

@@ -185,8 +185,13 @@ def test_every_logical_name_of_every_model_has_a_rule():
 
 
 def test_inference_compiler_options_only_for_cpu_meshes():
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh()  # the tests' 8 CPU devices: YNNPACK stays
     assert sharding.inference_compiler_options(mesh) == sharding.CPU_INFERENCE_OPTIONS
+    one = sharding.create_mesh(devices=jax.devices()[:1])
+    assert sharding.inference_compiler_options(one) == {
+        **sharding.CPU_INFERENCE_OPTIONS,
+        "xla_cpu_experimental_ynn_fusion_type": "",
+    }
 
     class Device:
         platform = "tpu"
