@@ -106,26 +106,8 @@ def _group_forward(q: Array, k: Array, v: Array, scale: float, rows: int):
     so the blocks need no running softmax)."""
     if rows == q.shape[1]:
         return _block_forward(q, k, v, scale)
-    o, lse = _map_over_queries(lambda qb: _block_forward(qb, k, v, scale), _to_blocks(q, rows))
+    o, lse = jax.lax.map(lambda qb: _block_forward(qb, k, v, scale), _to_blocks(q, rows))
     return _from_blocks(o), _from_blocks(lse)
-
-
-def _map_over_queries(f, q: Array, *xs: Array) -> tuple[Array, Array]:
-    """``f(q[i], *(x[i] for x in xs)) -> (o_i, lse_i)`` for every i, stacked.
-
-    Like ``lax.map``, except that each ``o_i`` (the shape of ``q[i]``) is written over
-    ``q[i]`` once read, in the same buffer: ``lax.map`` would start from a zero-filled
-    output that XLA shares between every layer of that shape, alive for the whole call
-    (10 MB per SD-1 64×64 layer shape).
-    """
-
-    def step(carry, i):
-        out, lse = carry
-        o_i, lse_i = f(out[i], *(x[i] for x in xs))
-        return (out.at[i].set(o_i.astype(out.dtype)), lse.at[i].set(lse_i)), None
-
-    lse = jnp.zeros(q.shape[:-1], jnp.float32)
-    return jax.lax.scan(step, (q, lse), jnp.arange(q.shape[0]))[0]
 
 
 def _block_backward(qb, ob, lb, dob, k, v, scale):
@@ -167,11 +149,9 @@ def _chunked(q: Array, k: Array, v: Array, n: int, rows: int) -> Array:
 def _chunked_fwd(q: Array, k: Array, v: Array, n: int, rows: int):
     b, _, h, d = q.shape
     scale = d**-0.5
-    o, lse = _map_over_queries(
-        lambda *g: _group_forward(*g, scale, rows),
-        _to_groups(q, n),
-        _to_groups(k, n),
-        _to_groups(v, n),
+    o, lse = jax.lax.map(
+        lambda g: _group_forward(*g, scale, rows),
+        (_to_groups(q, n), _to_groups(k, n), _to_groups(v, n)),
     )
     return _from_groups(o, b, h), (q, k, v, o, lse)
 

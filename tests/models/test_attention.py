@@ -96,32 +96,6 @@ def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_query_blocks_write_their_output_over_the_queries():
-    # lax.map would start the stacked output from a zero-filled buffer of the output's size
-    # (shared by every layer of that shape, so alive for a whole UNet call); the blocks are
-    # written over the grouped queries instead, one buffer fewer.
-    rows = attention.queries_per_block(1024, chunk_bytes=4 * 1024 * 128)
-    assert rows == 128
-
-    def lax_map(f, q, *xs):
-        return jax.lax.map(lambda a: f(*a), (q, *xs))
-
-    def block(q):  # one group [n, T, D]: its queries attend to its keys (here: q)
-        f = lambda qb: attention._block_forward(qb, q, q, 0.1)
-        return attention._map_over_queries(f, attention._to_blocks(q, rows))
-
-    def block_lax_map(q):
-        f = lambda qb: attention._block_forward(qb, q, q, 0.1)
-        return lax_map(f, attention._to_blocks(q, rows))
-
-    g = _inputs((4, 1024, 32))[0]
-    got, want = block(g), block_lax_map(g)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
-    out_bytes = g.size * 4
-    assert _temp_bytes(block, g) <= _temp_bytes(block_lax_map, g) - 0.9 * out_bytes
-
-
 def test_chunked_equals_xla_path_with_gradients():
     q, k, v, w = _inputs((4, 16, 2, 4), seed=1)
 
