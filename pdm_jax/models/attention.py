@@ -32,6 +32,11 @@ CHUNK_BYTES = 3 * 2**20
 ROW_BLOCK_BYTES = 8 * 2**20
 
 
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` not above ``at_most`` (at least 1)."""
+    return max(d for d in range(1, max(1, min(at_most, n)) + 1) if n % d == 0)
+
+
 def heads_per_chunk(num_groups: int, length: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """How many (batch, head) pairs ``chunked_attention`` handles per step.
 
@@ -44,7 +49,7 @@ def heads_per_chunk(num_groups: int, length: int, chunk_bytes: int = CHUNK_BYTES
       The largest divisor ``n`` of ``num_groups`` with ``n·T²·4 ≤ chunk_bytes`` (at least 1).
     """
     target = max(1, chunk_bytes // (4 * length * length))
-    return max(d for d in range(1, min(target, num_groups) + 1) if num_groups % d == 0)
+    return largest_divisor(num_groups, target)
 
 
 def queries_per_block(length: int, heads: int = 1, chunk_bytes: int = ROW_BLOCK_BYTES) -> int:
@@ -61,9 +66,7 @@ def queries_per_block(length: int, heads: int = 1, chunk_bytes: int = ROW_BLOCK_
       64 MiB; blocks of 512 rows are 8 MiB.
     """
     target = max(1, chunk_bytes // (4 * length * heads))
-    if target >= length:
-        return length
-    return max(d for d in range(1, target + 1) if length % d == 0)
+    return largest_divisor(length, target)
 
 
 def _to_groups(a: Array, n: int) -> Array:

@@ -22,7 +22,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from pdm_jax.models.attention import dot_product_attention, resolve_implementation
+from pdm_jax.models.attention import (
+    dot_product_attention,
+    largest_divisor,
+    resolve_implementation,
+)
 from pdm_jax.models.layers import (
     REMAT_POLICIES,
     Dtype,
@@ -85,9 +89,7 @@ def feed_forward_rows(
     """
     backend = jax.default_backend() if backend is None else backend
     target = max(1, block_bytes // (batch * hidden * itemsize))
-    if backend != "cpu" or target >= length:
-        return length
-    return max(d for d in range(1, target + 1) if length % d == 0)
+    return length if backend != "cpu" else largest_divisor(length, target)
 
 
 def _use_tap_matmuls(lhs, rhs, window_strides, lhs_dilation, rhs_dilation, dims, groups) -> bool:
@@ -378,10 +380,8 @@ class FeedForward(nn.Module):
         inner = self.mult * d
         net_0 = GEGLU(inner, name="net_0", **kw)
         net_2 = linear(d, inner, ("mlp", "embed"), name="net_2", **kw)
-        dtype = jnp.result_type(x.dtype, self.dtype) if self.dtype is not None else x.dtype
-        rows = feed_forward_rows(
-            b, length, 2 * inner, jnp.dtype(dtype).itemsize, block_bytes=FF_BLOCK_BYTES
-        )
+        itemsize = jnp.dtype(self.dtype or x.dtype).itemsize  # nn.Dense computes in dtype
+        rows = feed_forward_rows(b, length, 2 * inner, itemsize, block_bytes=FF_BLOCK_BYTES)
         if rows == length:
             return net_2(net_0(x))
         blocks = [net_2(net_0(x[:, s : s + rows])) for s in range(0, length, rows)]

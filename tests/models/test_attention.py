@@ -92,10 +92,6 @@ def test_queries_per_block_fits_budget_and_divides():
         attention.chunked_attention(q, q, q, rows_per_block=5)
 
 
-def _temp_bytes(fn, *args) -> int:
-    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
 def test_chunked_equals_xla_path_with_gradients():
     q, k, v, w = _inputs((4, 16, 2, 4), seed=1)
 
