@@ -80,6 +80,53 @@ def test_query_blocks_match_reference_with_gradients(group, rows):
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("length", [37, 256, 300, 4096])
+def test_row_max_equals_the_max_over_each_row(length):
+    # 37: one reduction; 256: two whole slices; 300: two slices and a 44-key remainder.
+    s = jax.random.normal(jax.random.key(length), (2, 3, length)) * 50
+    s = s.at[1, 2, length - 1].set(1e4)  # a row whose max is its last key (the remainder)
+    got = attention._row_max(s)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.max(s, -1, keepdims=True)))
+
+
+@pytest.mark.parametrize("rows", [None, 100])
+def test_long_rows_match_reference_with_gradients(rows):
+    # T = 300 takes the sliced row max (two 128-key slices and a remainder); inputs × 4 give
+    # logits spread over ±100, where a softmax without the max would overflow.
+    q, k, v, w = (a * 2 for a in _inputs((1, 300, 2, 8), seed=3))
+
+    def attend(q, k, v):
+        return attention.chunked_attention(q, k, v, rows_per_block=rows)
+
+    np.testing.assert_allclose(
+        np.asarray(attend(q, k, v)), _reference(q, k, v), atol=2e-5, rtol=1e-4
+    )
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(attend(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads, _reference_grads(q, k, v, w), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-3)
+
+
+def test_forward_reduces_no_row_of_keys():
+    # The forward's row max reduces 128-wide slices and its denominators come out of the
+    # p·v matmul: no reduce over all 512 keys (XLA:CPU runs those as scalar reduce-windows).
+    q = jnp.zeros((1, 512, 2, 8))
+    jaxpr = jax.make_jaxpr(attention.chunked_attention)(q, q, q)
+
+    def reduces(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("reduce_max", "reduce_sum"):
+                yield eqn.params["axes"], eqn.invars[0].aval.shape
+            for p in eqn.params.values():  # the bodies of lax.map and the custom VJP
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None:
+                    yield from reduces(getattr(inner, "jaxpr", inner))
+
+    found = list(reduces(jaxpr.jaxpr))
+    assert found, "no reductions traced: the walk missed the lax.map bodies"
+    for axes, shape in found:
+        assert all(shape[a] <= attention.ROW_MAX_SLICE for a in axes), (axes, shape)
+
+
 def test_queries_per_block_fits_budget_and_divides():
     assert attention.queries_per_block(590) == 590  # 590² × 4 B ≈ 1.3 MiB: one block
     assert attention.queries_per_block(4096) == 512  # 512 × 4096 × 4 B = 8 MiB
