@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import pdm as pdm_configs
 from pdm_jax import checkpointing, models
 from pdm_jax.convert import diffusers_unet as du
 from pdm_jax.convert.__main__ import convert
@@ -21,6 +22,16 @@ def _fixture(name="tiny_sd1"):
     config = json.loads(str(f["config"]))
     state = {k[3:]: f[k].astype(np.float32) for k in f.files if k.startswith("sd/")}
     return config, du.model_config_from_diffusers(config), state
+
+
+def test_model_config_has_the_fields_of_the_configs_unet():
+    # model_config_from_diffusers writes every config.model field by hand: a field added to
+    # configs/pdm.py and not there would be missing from every converted checkpoint.
+    ours = du.model_config_from_diffusers(load_packaged_config("sd1"))
+    theirs = pdm_configs.get_config("unet,sd=1").model
+    assert set(ours.keys()) == set(theirs.keys())
+    same = ("name", "img_size", "in_chans", "clip_dim", "dtype", "param_dtype", "attention")
+    assert {k: ours[k] for k in same} == {k: theirs[k] for k in same}
 
 
 def _assert_same(a, b):
