@@ -17,6 +17,14 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
   (0, 1) for inpainting, ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist
   when set; on COCO, the VAE (not for ``given_image``, which decodes no image).
 * ``train`` and ``evaluate`` on COCO: ``data.dir`` is set.
+* every mode: the solver settings of ``config.sampler`` (method, order, skip type, steps
+  ≥ order; not for an ``evaluate`` with ``eval.sweep``, whose cells replace them) and
+  ``sampler.clip_x0`` ≥ 0; the sampler otherwise first runs at training's first sample grid
+  or after the last step.
+* ``train`` with ``demo.use_metrics``: the demo's figures can be computed (synthetic data, a
+  PDM, a known ``demo.given_map_task``).
+* ``sample``: ``sampler.task`` is known, has a map stream to work on when it needs one, and
+  its ``sample.*`` inputs are given (``map``, ``image``, ``mask``).
 * every mode: ``sharding.mesh_shape`` / ``mesh_axes`` make a mesh of the devices (all of
   them for ``train``, this process's for ``sample`` and ``evaluate``), and for ``train``
   the batch splits over its ``data`` × ``fsdp`` axes.
@@ -35,8 +43,12 @@ from etils import epath
 
 from pdm_jax import checkpointing, models, sharding, specs
 from pdm_jax.data.coco import dataset as coco_dataset
+from pdm_jax.diffusion import dpm_solver
+from pdm_jax.diffusion.reverse import TASKS
+from pdm_jax.evaluation import demo as demo_metrics
 from pdm_jax.evaluation import fid
 from pdm_jax.evaluation import run as evaluate
+from pdm_jax.sampling import inputs as sample_inputs
 from pdm_jax.specs import PreflightError
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import state as state_lib
@@ -72,6 +84,7 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     with _refused():
         models.check_token_fusion(config.model)
     _check_mesh(config, mode)
+    _check_sampler(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))
         with _refused():  # the schedule's options, before any data or model is built
@@ -120,6 +133,38 @@ def _check_mesh(config: specs.RunSpec, mode: str) -> None:
             f"data × fsdp = {shards} batch shards ({dict(mesh.shape)}): set "
             "--config.train.batch_size to a multiple, or change --config.sharding.mesh_shape."
         )
+
+
+def _check_sampler(config: specs.RunSpec, mode: str) -> None:
+    """``config.sampler`` as the run will use it: training's grids and the demo's figures,
+    sample mode (its task and that task's inputs) and evaluation (unless ``eval.sweep``
+    replaces the solver settings; the sweep is checked with the other ``eval.*``)."""
+    s = config.sampler
+    if not (mode == "evaluate" and config.eval.sweep):
+        with _refused():
+            dpm_solver.check_settings(s.method, s.order, s.skip_type, s.steps)
+    if s.clip_x0 < 0:
+        raise PreflightError(
+            f"sampler.clip_x0={s.clip_x0} is negative: pass 0 (no clipping) or the bound "
+            "that x̂₀ is clipped to, e.g. --config.sampler.clip_x0=2."
+        )
+    if mode == "train" and config.demo.use_metrics:
+        with _refused():
+            demo_metrics.check_config(config)
+    if mode != "sample":
+        return
+    if s.task not in TASKS:
+        raise PreflightError(
+            f"sampler.task={s.task!r} is not a sampling task: pass --config.sampler.task= "
+            f"one of {TASKS}."
+        )
+    if s.task != "cogenerate" and not config.model.has_map:
+        raise PreflightError(
+            f"sampler.task={s.task!r} needs a map stream, and model.name={config.model.name!r} "
+            "has none: sample it with --config.sampler.task=cogenerate."
+        )
+    with _refused():
+        sample_inputs.check_task_inputs(config.sample, s.task)
 
 
 def _will_resume(config: specs.RunSpec, workdir: str) -> bool:

@@ -242,3 +242,86 @@ def test_a_mesh_that_does_not_fit_the_devices_or_the_batch_is_refused(tmp_path):
     config.sharding.mesh_axes = ("data", "model", "tensor")
     with pytest.raises(preflight.PreflightError, match="mesh_axes"):
         preflight.preflight(config, "sample", str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["train", "sample", "evaluate"])
+def test_sampler_settings_are_refused_at_start_up_in_every_mode(tmp_path, mode):
+    """Training would otherwise meet them at its first grid or after its last step."""
+
+    def check(**sampler):
+        config = pdm_configs.get_config("demo,tiny=1")
+        config.sampler.update(**sampler)
+        preflight.preflight(config, mode, str(tmp_path))
+
+    with pytest.raises(preflight.PreflightError, match=r"must be an int ≥ order = 3.*got 2"):
+        check(method="fast", order=3, steps=2)
+    with pytest.raises(preflight.PreflightError, match="unknown method 'euler'"):
+        check(method="euler")
+    with pytest.raises(preflight.PreflightError, match="has orders 1 and 2"):
+        check(method="sde_multistep", order=3)
+    with pytest.raises(preflight.PreflightError, match=r"sampler\.clip_x0=-1\.0 is negative"):
+        check(clip_x0=-1.0)
+    check(method="fast", order=3, steps=3)  # good settings pass
+
+
+def test_an_evaluation_sweep_replaces_the_sampler_settings(tmp_path):
+    config = pdm_configs.get_config("demo,tiny=1")
+    config.sampler.update(method="fast", order=3, steps=2)
+    config.eval.sweep = "multistep/2:4"
+    preflight.preflight(config, "evaluate", str(tmp_path))
+    with pytest.raises(preflight.PreflightError, match="got 2"):
+        preflight.preflight(config, "train", str(tmp_path))
+
+
+def test_demo_metrics_settings_are_checked_before_training(tmp_path):
+    config = pdm_configs.get_config("demo,tiny=1")
+    preflight.preflight(config, "train", str(tmp_path))
+    config.demo.given_map_task = "inpainting"
+    with pytest.raises(preflight.PreflightError, match=r"given_map_task='inpainting'.*inpaint"):
+        preflight.preflight(config, "train", str(tmp_path))
+    uvit = pdm_configs.get_config("uvit,tiny=1")
+    uvit.data.source = "synthetic"
+    uvit.demo.use_metrics = True
+    with pytest.raises(preflight.PreflightError, match="Demo metrics need a PDM"):
+        preflight.preflight(uvit, "train", str(tmp_path))
+    uvit.demo.use_metrics = False  # no demo figures: nothing to object to
+    preflight.preflight(uvit, "train", str(tmp_path))
+
+
+def test_sample_mode_checks_its_task_and_inputs_at_start_up(tmp_path):
+    def check(name="demo,tiny=1", task="cogenerate", **sample):
+        config = pdm_configs.get_config(name)
+        config.data.source = "synthetic"
+        config.sampler.task = task
+        config.sample.update(**sample)
+        preflight.preflight(config, "sample", str(tmp_path))
+
+    with pytest.raises(preflight.PreflightError, match=r"sampler\.task='segment' is not"):
+        check(task="segment")
+    with pytest.raises(preflight.PreflightError, match=r"needs a map stream.*'uvit'"):
+        check("uvit,tiny=1", task="given_image", image="x.png")
+    with pytest.raises(preflight.PreflightError, match=r"given_map needs --config\.sample\.map"):
+        check(task="given_map")
+    needs_image = r"given_image needs --config\.sample\.image"
+    with pytest.raises(preflight.PreflightError, match=needs_image):
+        check(task="given_image")
+    with pytest.raises(preflight.PreflightError, match=r"inpaint needs --config\.sample\.mask"):
+        check(task="inpaint", image="x.png")
+    with pytest.raises(preflight.PreflightError, match=r"image and/or --config\.sample\.map"):
+        check(task="inpaint", mask="m.png")
+    check(task="inpaint", mask="m.png", map="m.npy")  # the files themselves are read later
+    check("uvit,tiny=1")
+
+
+def test_main_refuses_bad_sampler_steps_before_training(tmp_path):
+    result = run_main(
+        "--config=configs/pdm.py:demo,tiny=1",
+        f"--workdir={tmp_path}",
+        "--config.sampler.steps=2",
+        "--config.sampler.order=3",
+        "--config.sampler.method=fast",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "raise steps or lower order" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoints").exists()

@@ -87,8 +87,18 @@ def time_steps(
     return xnp.linspace(xnp.sqrt(t_T), xnp.sqrt(t_0), n + 1) ** 2
 
 
-def _validate(method: str, order: int, skip_type: str, steps: int, t_T: float, t_0: float):
-    """Raises ValueError naming the bad argument and the accepted values."""
+def check_settings(method: str, order: int, skip_type: str, steps: int) -> None:
+    """Checks a solver setting as ``sample`` will; callers run it before any work starts.
+
+    Args:
+      method: one of ``METHODS``.
+      order: 1, 2 or 3 (1 or 2 for the stochastic methods).
+      skip_type: one of ``SKIP_TYPES``.
+      steps: the number of model evaluations, an int ≥ ``order``.
+
+    Raises:
+      ValueError: naming the bad argument and the accepted values.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}.")
     if skip_type not in SKIP_TYPES:
@@ -102,6 +112,11 @@ def _validate(method: str, order: int, skip_type: str, steps: int, t_T: float, t
             f"steps (the number of model evaluations) must be an int ≥ order = {order} for "
             f"method {method!r}, got {steps!r}; raise steps or lower order."
         )
+
+
+def _validate(method: str, order: int, skip_type: str, steps: int, t_T: float, t_0: float):
+    """Raises ValueError naming the bad argument and the accepted values."""
+    check_settings(method, order, skip_type, steps)
     if not (t_T > 0 and t_0 > 0 and t_T != t_0):
         raise ValueError(f"need distinct times t_T, t_0 > 0, got t_T={t_T}, t_0={t_0}.")
 

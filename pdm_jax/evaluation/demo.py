@@ -39,6 +39,34 @@ from pdm_jax.sampling.sampler import Sampler
 _GRID_ROWS = 8
 
 
+# How the demo samples its given-map figures: the map clamped (``given_map``), or re-imposed
+# at the current noise level after every step (``inpaint`` with the whole map known).
+GIVEN_MAP_TASKS = ("given_map", "inpaint")
+
+
+def check_config(config: specs.RunSpec) -> None:
+    """The demo metrics can be computed for this run (checked before it trains).
+
+    Raises:
+      ValueError: naming the setting and its fix.
+    """
+    if config.data.source != "synthetic":
+        raise ValueError(
+            f"Demo metrics need the synthetic world (data.source='synthetic'), got "
+            f"{config.data.source!r}; set --config.demo.use_metrics=False for other data."
+        )
+    if not config.model.has_map:
+        raise ValueError(
+            f"Demo metrics need a PDM (a model with a map stream), got model.name="
+            f"{config.model.name!r}; set --config.demo.use_metrics=False for it."
+        )
+    if config.demo.given_map_task not in GIVEN_MAP_TASKS:
+        raise ValueError(
+            f"demo.given_map_task={config.demo.given_map_task!r} is not a way to sample the "
+            f"given-map figures; choose one of {GIVEN_MAP_TASKS}."
+        )
+
+
 def _means(figures: dict[str, np.ndarray]) -> dict[str, float]:
     return {k: scoring.mean_over_scored(v) for k, v in figures.items()}
 
@@ -54,13 +82,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
       The metrics written to ``<workdir>/metrics.json``.
     """
     config = specs.as_run_spec(config)
-    if config.data.source != "synthetic":
-        raise ValueError(
-            f"Demo metrics need the synthetic world (data.source='synthetic'), got "
-            f"{config.data.source!r}."
-        )
-    if not config.model.has_map:
-        raise ValueError("Demo metrics need a PDM (model.name one_stream or two_stream).")
+    check_config(config)
     t0 = time.perf_counter()
     workdir = epath.Path(workdir)
     world = synthetic.synthetic_world(config.data)

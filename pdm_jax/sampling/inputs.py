@@ -95,6 +95,23 @@ def read_prompts(s: SampleSpec, info: DatasetInfo) -> list[str]:
     return list(info.eval_prompts)
 
 
+def check_task_inputs(s: SampleSpec, task: str) -> None:
+    """The ``sample.*`` flags that ``task`` needs are set (their files are read later).
+
+    Raises:
+      ValueError: naming the missing flag.
+    """
+    if task == "given_map" and not s.map:
+        raise ValueError("task=given_map needs --config.sample.map (a .npy of ids or a PNG).")
+    if task == "given_image" and not s.image:
+        raise ValueError("task=given_image needs --config.sample.image (an RGB PNG).")
+    if task == "inpaint":
+        if not s.mask:
+            raise ValueError("task=inpaint needs --config.sample.mask (white = regenerate).")
+        if not (s.image or s.map):
+            raise ValueError("task=inpaint needs --config.sample.image and/or --config.sample.map.")
+
+
 def known_inputs(
     s: SampleSpec, info: DatasetInfo, task: str, latent_size: int, map_size: int, n: int
 ) -> dict[str, np.ndarray | None]:
@@ -103,21 +120,14 @@ def known_inputs(
     Raises:
       ValueError: when the task lacks an input it needs (naming the flag).
     """
+    check_task_inputs(s, task)
     known = dict(known_latents=None, known_maps=None, mask_x=None, mask_m=None)
     rep = lambda a: np.repeat(a[None], n, axis=0)
     if task in ("given_map", "inpaint") and s.map:
         known["known_maps"] = rep(load_map(s.map, map_size, info.colour_table))
     if task in ("given_image", "inpaint") and s.image:
         known["known_latents"] = rep(info.encode_images(load_image(s.image)[None])[0])
-    if task == "given_map" and known["known_maps"] is None:
-        raise ValueError("task=given_map needs --config.sample.map (a .npy of ids or a PNG).")
-    if task == "given_image" and known["known_latents"] is None:
-        raise ValueError("task=given_image needs --config.sample.image (an RGB PNG).")
     if task == "inpaint":
-        if not s.mask:
-            raise ValueError("task=inpaint needs --config.sample.mask (white = regenerate).")
-        if known["known_latents"] is None and known["known_maps"] is None:
-            raise ValueError("task=inpaint needs --config.sample.image and/or --config.sample.map.")
         if known["known_latents"] is not None:
             known["mask_x"] = rep(load_mask(s.mask, latent_size))
         if known["known_maps"] is not None:

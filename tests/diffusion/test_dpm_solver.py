@@ -299,6 +299,29 @@ def test_bad_arguments_raise(kwargs, match):
         dpm_solver.make_sampler(pred, sch, **kwargs)
 
 
+def test_check_settings_refuses_what_sample_refuses_and_passes_the_rest():
+    """The start-up check (``preflight``) and the solver agree on every setting."""
+    for method in dpm_solver.METHODS:
+        for order in (0, 1, 2, 3, 4):
+            for steps in (1, 2, 3):
+                args = dict(method=method, order=order, skip_type="logSNR", steps=steps)
+                try:
+                    dpm_solver.check_settings(**args)
+                    checked = None
+                except ValueError as e:
+                    checked = str(e)
+                sch = schedules.discrete_sd_schedule(num_timesteps=20)
+                pred = functools.partial(_gaussian_pred, sch)
+                try:
+                    dpm_solver.make_sampler(pred, sch, **args)
+                    solver = None
+                except ValueError as e:
+                    solver = str(e)
+                assert checked == solver, args
+    with pytest.raises(ValueError, match="unknown skip_type 'karras'"):
+        dpm_solver.check_settings("fast", 3, "karras", 10)
+
+
 def test_make_sampler_rejects_unknown_option():
     sch = schedules.discrete_sd_schedule(num_timesteps=20)
     with pytest.raises(ValueError, match="unknown sampler options"):
