@@ -17,7 +17,9 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
   (0, 1) for inpainting, ``eval.fid_stats`` (read), ``eval.inception`` and ``eval.clip`` exist
   when set; on COCO, the VAE (not for ``given_image``, which decodes no image).
 * ``train`` and ``evaluate`` on COCO: ``data.dir`` is set.
-* every mode: the solver settings of ``config.sampler`` (method, order, skip type, steps
+* every mode: ``data.source``, ``diffusion.image_prediction`` and ``diffusion.map_pooling``
+  are known; the
+  solver settings of ``config.sampler`` (method, order, skip type, steps
   ≥ order; not for an ``evaluate`` with ``eval.sweep``, whose cells replace them) and
   ``sampler.clip_x0`` ≥ 0; the sampler otherwise first runs at training's first sample grid
   or after the last step.
@@ -42,8 +44,10 @@ import numpy as np
 from etils import epath
 
 from pdm_jax import checkpointing, models, sharding, specs
+from pdm_jax.data import pipeline
 from pdm_jax.data.coco import dataset as coco_dataset
-from pdm_jax.diffusion import dpm_solver
+from pdm_jax.diffusion import dpm_solver, losses
+from pdm_jax.diffusion import maps as map_lib
 from pdm_jax.diffusion.reverse import TASKS
 from pdm_jax.evaluation import demo as demo_metrics
 from pdm_jax.evaluation import fid
@@ -84,6 +88,18 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     with _refused():
         models.check_token_fusion(config.model)
     _check_mesh(config, mode)
+    if config.data.source not in pipeline.SOURCES:
+        raise PreflightError(
+            f"data.source={config.data.source!r} is not a data source: pass "
+            f"--config.data.source= one of {sorted(pipeline.SOURCES)}."
+        )
+    with _refused():  # sampling reads the image head by it; training's loss too
+        losses.check_image_prediction(config.diffusion.image_prediction)
+    if config.diffusion.map_pooling not in map_lib.POOLINGS:
+        raise PreflightError(
+            f"diffusion.map_pooling={config.diffusion.map_pooling!r} is not a pooling: pass "
+            f"--config.diffusion.map_pooling= one of {map_lib.POOLINGS}."
+        )
     _check_sampler(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))

@@ -264,6 +264,21 @@ def test_sampler_settings_are_refused_at_start_up_in_every_mode(tmp_path, mode):
     check(method="fast", order=3, steps=3)  # good settings pass
 
 
+@pytest.mark.parametrize("mode", ["train", "sample", "evaluate"])
+def test_data_source_and_diffusion_options_are_refused_at_start_up(tmp_path, mode):
+    """Sampling would read an unknown image head as ε; the loss and the data refuse later."""
+
+    def refused(match, group, **changes):
+        config = pdm_configs.get_config("demo,tiny=1")
+        config[group].update(**changes)
+        with pytest.raises(preflight.PreflightError, match=match):
+            preflight.preflight(config, mode, str(tmp_path))
+
+    refused(r"Unknown image_prediction 'epsilon'", "diffusion", image_prediction="epsilon")
+    refused(r"map_pooling='majority' is not a pooling", "diffusion", map_pooling="majority")
+    refused(r"data.source='imagenet' is not a data source", "data", source="imagenet")
+
+
 def test_an_evaluation_sweep_replaces_the_sampler_settings(tmp_path):
     config = pdm_configs.get_config("demo,tiny=1")
     config.sampler.update(method="fast", order=3, steps=2)
