@@ -93,7 +93,7 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
             f"data.source={config.data.source!r} is not a data source: pass "
             f"--config.data.source= one of {sorted(pipeline.SOURCES)}."
         )
-    with _refused():  # sampling reads the image head by it; training's loss too
+    with _refused():  # the loss and the sampler check it only when first traced
         losses.check_image_prediction(config.diffusion.image_prediction)
     if config.diffusion.map_pooling not in map_lib.POOLINGS:
         raise PreflightError(

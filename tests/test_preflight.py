@@ -266,7 +266,7 @@ def test_sampler_settings_are_refused_at_start_up_in_every_mode(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["train", "sample", "evaluate"])
 def test_data_source_and_diffusion_options_are_refused_at_start_up(tmp_path, mode):
-    """Sampling would read an unknown image head as ε; the loss and the data refuse later."""
+    """The loss, the sampler and the data refused these only when they first ran."""
 
     def refused(match, group, **changes):
         config = pdm_configs.get_config("demo,tiny=1")
