@@ -18,11 +18,10 @@ workdir)``, called by ``python -m pdm_jax.main`` before the mode runs, checks:
   when set; on COCO, the VAE (not for ``given_image``, which decodes no image).
 * ``train`` and ``evaluate`` on COCO: ``data.dir`` is set.
 * every mode: ``data.source``, ``diffusion.image_prediction`` and ``diffusion.map_pooling``
-  are known; the
-  solver settings of ``config.sampler`` (method, order, skip type, steps
-  ≥ order; not for an ``evaluate`` with ``eval.sweep``, whose cells replace them) and
-  ``sampler.clip_x0`` ≥ 0; the sampler otherwise first runs at training's first sample grid
-  or after the last step.
+  are known; the solver settings of ``config.sampler`` (method, order, skip type, steps ≥
+  order; not for an ``evaluate`` with ``eval.sweep``, whose cells replace them) and
+  ``sampler.clip_x0`` ≥ 0, which training would otherwise first meet at its first sample
+  grid or after its last step.
 * ``train`` with ``demo.use_metrics``: the demo's figures can be computed (synthetic data, a
   PDM, a known ``demo.given_map_task``).
 * ``sample``: ``sampler.task`` is known, has a map stream to work on when it needs one, and
