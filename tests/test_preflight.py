@@ -324,6 +324,10 @@ def test_sample_mode_checks_its_task_and_inputs_at_start_up(tmp_path):
         check(task="inpaint", image="x.png")
     with pytest.raises(preflight.PreflightError, match=r"image and/or --config\.sample\.map"):
         check(task="inpaint", mask="m.png")
+    with pytest.raises(preflight.PreflightError, match=r"sample\.map is set but task=cogenerate"):
+        check(map="m.npy")  # it would be ignored
+    with pytest.raises(preflight.PreflightError, match=r"mask is set but task=given_map.*inpaint"):
+        check(task="given_map", map="m.npy", mask="k.png")
     check(task="inpaint", mask="m.png", map="m.npy")  # the files themselves are read later
     check("uvit,tiny=1")
 

@@ -95,12 +95,30 @@ def read_prompts(s: SampleSpec, info: DatasetInfo) -> list[str]:
     return list(info.eval_prompts)
 
 
+# The ``sample.*`` inputs each task reads.
+TASK_INPUTS = {
+    "cogenerate": (),
+    "given_map": ("map",),
+    "given_image": ("image",),
+    "inpaint": ("map", "image", "mask"),
+}
+
+
 def check_task_inputs(s: SampleSpec, task: str) -> None:
-    """The ``sample.*`` flags that ``task`` needs are set (their files are read later).
+    """The ``sample.*`` flags that ``task`` needs are set, and none that it would ignore
+    (their files are read later).
 
     Raises:
-      ValueError: naming the missing flag.
+      ValueError: naming the missing or unused flag.
     """
+    unused = [f for f in ("map", "image", "mask") if getattr(s, f)]
+    unused = [f for f in unused if f not in TASK_INPUTS.get(task, unused)]
+    if unused:
+        users = sorted(t for t, fields in TASK_INPUTS.items() if unused[0] in fields)
+        raise ValueError(
+            f"sample.{unused[0]} is set but task={task} does not read it: pass "
+            f"--config.sampler.task= one of {users}, or drop --config.sample.{unused[0]}."
+        )
     if task == "given_map" and not s.map:
         raise ValueError("task=given_map needs --config.sample.map (a .npy of ids or a PNG).")
     if task == "given_image" and not s.image:
