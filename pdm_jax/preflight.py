@@ -87,18 +87,10 @@ def preflight(config: Any, mode: str, workdir: str) -> specs.RunSpec:
     with _refused():
         models.check_token_fusion(config.model)
     _check_mesh(config, mode)
-    if config.data.source not in pipeline.SOURCES:
-        raise PreflightError(
-            f"data.source={config.data.source!r} is not a data source: pass "
-            f"--config.data.source= one of {sorted(pipeline.SOURCES)}."
-        )
-    with _refused():  # the loss and the sampler check it only when first traced
+    with _refused():  # the data, the loss and the sampler check these only when they run
+        pipeline.check_source(config.data.source)
         losses.check_image_prediction(config.diffusion.image_prediction)
-    if config.diffusion.map_pooling not in map_lib.POOLINGS:
-        raise PreflightError(
-            f"diffusion.map_pooling={config.diffusion.map_pooling!r} is not a pooling: pass "
-            f"--config.diffusion.map_pooling= one of {map_lib.POOLINGS}."
-        )
+        map_lib.check_pooling(config.diffusion.map_pooling)
     _check_sampler(config, mode)
     if mode == "train":
         init_lib.check_frozen_image_stream(config, resuming=_will_resume(config, workdir))

@@ -275,8 +275,8 @@ def test_data_source_and_diffusion_options_are_refused_at_start_up(tmp_path, mod
             preflight.preflight(config, mode, str(tmp_path))
 
     refused(r"Unknown image_prediction 'epsilon'", "diffusion", image_prediction="epsilon")
-    refused(r"map_pooling='majority' is not a pooling", "diffusion", map_pooling="majority")
-    refused(r"data.source='imagenet' is not a data source", "data", source="imagenet")
+    refused(r"Unknown map pooling 'majority'; choose one of", "diffusion", map_pooling="majority")
+    refused(r"Data source 'imagenet' is not available", "data", source="imagenet")
 
 
 def test_an_evaluation_sweep_replaces_the_sampler_settings(tmp_path):

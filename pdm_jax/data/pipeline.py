@@ -60,13 +60,17 @@ def create_source(data: DataSpec, split: str = "train") -> tuple[Any, DatasetInf
     Raises:
       ValueError: for a source that is not available.
     """
-    name = data.source
+    check_source(data.source)
+    return SOURCES[data.source](data, split)
+
+
+def check_source(name: str) -> None:
+    """Raises ValueError unless ``name`` is a registered ``data.source``."""
     if name not in SOURCES:
         raise ValueError(
             f"Data source {name!r} is not available; available: {sorted(SOURCES)}. "
             "Set --config.data.source accordingly (the demo uses 'synthetic')."
         )
-    return SOURCES[name](data, split)
 
 
 class NormaliseRecord(grain.transforms.RandomMap):

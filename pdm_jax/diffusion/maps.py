@@ -45,6 +45,12 @@ def resize_nearest(ids: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return ids[..., rows[:, None], cols[None, :]]
 
 
+def check_pooling(method: str) -> None:
+    """Raises ValueError unless ``method`` is one of ``POOLINGS``."""
+    if method not in POOLINGS:
+        raise ValueError(f"Unknown map pooling {method!r}; choose one of {POOLINGS}.")
+
+
 def pool_map(ids: np.ndarray, size: int, method: str = "min") -> np.ndarray:
     """Pools a label map by an integer factor to ``size × size``.
 
@@ -59,8 +65,7 @@ def pool_map(ids: np.ndarray, size: int, method: str = "min") -> np.ndarray:
       ``[size, size]`` or ``[B, size, size]`` map of the same dtype.
     """
     ids = _check_map(ids)
-    if method not in POOLINGS:
-        raise ValueError(f"Unknown map pooling {method!r}; choose one of {POOLINGS}.")
+    check_pooling(method)
     h, w = ids.shape[-2:]
     if h % size or w % size:
         raise ValueError(

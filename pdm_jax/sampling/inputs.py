@@ -111,8 +111,8 @@ def check_task_inputs(s: SampleSpec, task: str) -> None:
     Raises:
       ValueError: naming the missing or unused flag.
     """
-    unused = [f for f in ("map", "image", "mask") if getattr(s, f)]
-    unused = [f for f in unused if f not in TASK_INPUTS.get(task, unused)]
+    read = TASK_INPUTS.get(task, ("map", "image", "mask"))  # an unknown task: refused elsewhere
+    unused = [f for f in ("map", "image", "mask") if getattr(s, f) and f not in read]
     if unused:
         users = sorted(t for t, fields in TASK_INPUTS.items() if unused[0] in fields)
         raise ValueError(

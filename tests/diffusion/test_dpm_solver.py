@@ -301,6 +301,8 @@ def test_bad_arguments_raise(kwargs, match):
 
 def test_check_settings_refuses_what_sample_refuses_and_passes_the_rest():
     """The start-up check (``preflight``) and the solver agree on every setting."""
+    sch = schedules.discrete_sd_schedule(num_timesteps=20)
+    pred = functools.partial(_gaussian_pred, sch)
     for method in dpm_solver.METHODS:
         for order in (0, 1, 2, 3, 4):
             for steps in (1, 2, 3):
@@ -310,8 +312,6 @@ def test_check_settings_refuses_what_sample_refuses_and_passes_the_rest():
                     checked = None
                 except ValueError as e:
                     checked = str(e)
-                sch = schedules.discrete_sd_schedule(num_timesteps=20)
-                pred = functools.partial(_gaussian_pred, sch)
                 try:
                     dpm_solver.make_sampler(pred, sch, **args)
                     solver = None
