@@ -1,18 +1,18 @@
 r"""python -m pdm_jax.main --config=configs/pdm.py:demo --workdir=workdir/demo
 
-Command-line entry point. ``--mode=train`` trains (resuming from ``<workdir>`` when it
-holds checkpoints) and, for configs with ``demo.use_metrics``, then writes the demo's
-``metrics.json``; ``--mode=sample`` samples from the latest checkpoint (see
-``pdm_jax.sampling.mode``); ``--mode=evaluate`` samples validation prompts and scores
-them (``pdm_jax.evaluation.run``). Any config field can be overridden with
-``--config.a.b=value``. For COCO configs, ``--text_encoder=DIR`` (a local CLIP text
-directory: raw prompts) and ``--vae=PATH`` (the autoencoder: latents → PNGs) set
-``config.data.clip`` and ``config.data.vae``.
+Command-line entry point. ``--mode`` picks a run mode of ``pdm_jax.modes``: ``train``
+trains (resuming from ``<workdir>`` when it holds checkpoints) and, for configs with
+``demo.use_metrics``, then writes the demo's ``metrics.json``; ``sample`` samples from the
+latest checkpoint; ``evaluate`` samples validation prompts and scores them. Any config
+field can be overridden with ``--config.a.b=value``. For COCO configs,
+``--text_encoder=DIR`` (a local CLIP text directory: raw prompts) and ``--vae=PATH`` (the
+autoencoder: latents → PNGs) set ``config.data.clip`` and ``config.data.vae``.
 
 Paths may be relative, start with ``~`` or be URLs (``gs://``): ``--workdir`` and the
 config's path fields are resolved once, first (``pdm_jax.paths``). Before the mode runs,
-``pdm_jax.preflight`` checks what it will need later (weights, evaluation files, a
-pretrained frozen stream), so a run fails at start rather than hours in.
+its ``check`` (``pdm_jax.preflight`` and the mode's own) checks what it will need later
+(weights, evaluation files, a pretrained frozen stream), so a run fails at start rather
+than hours in.
 """
 
 import logging as std_logging
@@ -25,20 +25,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pdm_jax import checkpointing, paths, preflight, sharding, specs
-from pdm_jax.evaluation import demo
-from pdm_jax.evaluation import run as evaluate
-from pdm_jax.sampling import mode as sample_mode
+from pdm_jax import checkpointing, cli, modes, paths, runtime, specs
 from pdm_jax.train import trainer
 
-
-def _train(run: specs.RunSpec, workdir: str) -> None:
-    trainer.train_and_evaluate(run, workdir)
-    if run.demo.use_metrics:
-        demo.evaluate(run, workdir)
-
-
-MODES = {"train": _train, "sample": sample_mode.run, "evaluate": evaluate.run_evaluate}
 FLAGS = flags.FLAGS
 
 
@@ -54,7 +43,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "workdir", None, "Directory for checkpoints, logs and samples.", flag_values=fv
     )
-    flags.DEFINE_enum("mode", "train", list(MODES), "What to run.", flag_values=fv)
+    flags.DEFINE_enum("mode", "train", list(modes.MODES), "What to run.", flag_values=fv)
     flags.DEFINE_bool(
         "distributed",
         False,
@@ -187,15 +176,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     _apply_weight_flags(config)
-    paths.resolve_config_paths(config)
+    paths.resolve_config_paths(config, specs.path_fields())
     workdir = paths.resolve(FLAGS.workdir)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     cluster = cluster_arguments(
         FLAGS.distributed, **{name: FLAGS[name].value for name in _CLUSTER_FLAGS}
     )
-    sharding.setup_cpu_devices(config, sharding.mode_batch_size(config, FLAGS.mode))
+    mode = modes.get(FLAGS.mode)
+    runtime.setup_cpu_devices(config, mode.batch_size(config))
     if FLAGS.distributed:
-        sharding.initialize_distributed(**cluster)
+        runtime.initialize_distributed(**cluster)
     logging.info(
         "JAX devices: %s (process %d of %d)",
         jax.devices(),
@@ -203,8 +193,8 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     try:
-        run = preflight.preflight(specs.from_config(config), FLAGS.mode, workdir)
-        MODES[FLAGS.mode](run, workdir)
+        run = mode.check(specs.from_config(config), workdir)
+        mode.run(run, workdir)
     except trainer.TrainingInterrupted as e:
         logging.warning("%s", e)
         sys.exit(128 + e.signum)
@@ -215,4 +205,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

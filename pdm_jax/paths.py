@@ -6,34 +6,19 @@ would change meaning if the working directory did); URLs (anything with a ``sche
 and empty strings (unset) are left as they are.
 
 * ``resolve(path)`` — one path;
-* ``resolve_config_paths(config)`` — every path field of a config (``CONFIG_PATH_FIELDS``),
-  in place; ``python -m pdm_jax.main`` calls it before anything else.
+* ``resolve_config_paths(config, fields)`` — the given path fields of a config, in place;
+  ``python -m pdm_jax.main`` calls it first, with the fields the config schema marks as
+  paths (``pdm_jax.specs.path_fields()``).
 """
 
 import os
 import re
+from collections.abc import Iterable
 
 import ml_collections
 
 # ``scheme://...``: gs://, s3://, file://, http(s)://; a Windows drive ("C:\") has no "//".
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
-# The config fields that hold a path the user typed.
-CONFIG_PATH_FIELDS = (
-    "ckpt.init_from",
-    "ckpt.resume_from",
-    "data.dir",
-    "data.vae",
-    "data.clip",
-    "eval.fid_stats",
-    "eval.inception",
-    "eval.clip",
-    "sample.prompts_file",
-    "sample.map",
-    "sample.image",
-    "sample.mask",
-    "sample.out_dir",
-)
 
 
 def is_url(path: str) -> bool:
@@ -55,17 +40,20 @@ def resolve(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def resolve_config_paths(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """Resolves ``CONFIG_PATH_FIELDS`` of ``config`` in place (fields it lacks are skipped).
+def resolve_config_paths(
+    config: ml_collections.ConfigDict, fields: Iterable[str]
+) -> dict[str, str]:
+    """Resolves the path fields ``fields`` of ``config`` in place (those it lacks are skipped).
 
     Args:
       config: the full config (may be locked: only existing fields are written).
+      fields: ``"group.field"`` names, e.g. ``pdm_jax.specs.path_fields()``.
 
     Returns:
       ``{field: new value}`` of the fields that changed.
     """
     changed = {}
-    for field in CONFIG_PATH_FIELDS:
+    for field in fields:
         group_name, key = field.split(".")
         group = config.get(group_name, None)
         if group is None or key not in group:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from configs import pdm as pdm_configs
-from pdm_jax import checkpointing, models, paths
+from pdm_jax import checkpointing, models, paths, specs
 from pdm_jax.convert import official
 from pdm_jax.convert.__main__ import convert
 from pdm_jax.evaluation import fid, reference_stats
@@ -47,7 +47,7 @@ def test_resolve_config_paths_rewrites_every_path_field(tmp_path, monkeypatch):
     config.eval.update(fid_stats="stats.npz", inception="~/inception.pth", clip="clip")
     config.sample.update(prompts_file="p.txt", map="m.npy", image="~/i.png", mask="k.png")
     config.sample.out_dir = "out"
-    changed = paths.resolve_config_paths(config)
+    changed = paths.resolve_config_paths(config, specs.path_fields())
     assert config.ckpt.init_from == str(tmp_path / "uvit")
     assert config.ckpt.resume_from == "gs://bucket/run"
     assert config.data.dir == str(tmp_path / "data/coco_pdm")
@@ -56,8 +56,8 @@ def test_resolve_config_paths_rewrites_every_path_field(tmp_path, monkeypatch):
     assert config.eval.inception == str(tmp_path / "inception.pth")
     assert config.sample.image == str(tmp_path / "i.png")
     assert config.sample.out_dir == str(tmp_path / "out")
-    assert set(changed) == set(paths.CONFIG_PATH_FIELDS) - {"ckpt.resume_from", "data.clip"}
-    assert paths.resolve_config_paths(config) == {}  # idempotent
+    assert set(changed) == set(specs.path_fields()) - {"ckpt.resume_from", "data.clip"}
+    assert paths.resolve_config_paths(config, specs.path_fields()) == {}  # idempotent
 
 
 def test_main_trains_with_a_relative_workdir_and_a_home_relative_init_from(tmp_path):

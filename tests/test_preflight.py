@@ -1,4 +1,5 @@
-"""Start-up checks (``pdm_jax.preflight``) and the trainer's save-before-grid order."""
+"""Start-up checks (``pdm_jax.preflight`` and the modes' own, ``pdm_jax.modes``) and the
+trainer's save-before-grid order."""
 
 import logging
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import pdm as pdm_configs
-from pdm_jax import checkpointing, models, preflight, sharding, specs
+from pdm_jax import checkpointing, models, modes, preflight, sharding, specs
 from pdm_jax.models.vae import AutoencoderKL
 from pdm_jax.train import init as init_lib
 from pdm_jax.train import trainer
@@ -15,6 +16,11 @@ from pdm_jax.weights import components
 from tests.cli import run_main
 from tests.data import fake_coco
 from tests.train import saved_states
+
+
+def _check(config, mode, workdir):
+    """Every start-up check of ``mode`` (what ``python -m pdm_jax.main`` runs first)."""
+    return modes.get(mode).check(config, workdir)
 
 
 def _two_stream():
@@ -43,7 +49,7 @@ def test_two_stream_from_scratch_is_refused_before_the_state_is_built(tmp_path, 
     assert "--config.ckpt.allow_random_frozen_stream=True" in message
     assert not built
     with pytest.raises(preflight.PreflightError, match="init_from"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
     # Not a frozen stream, or something to start from: no objection.
     for update in (
         dict(allow_random_frozen_stream=True),
@@ -53,12 +59,12 @@ def test_two_stream_from_scratch_is_refused_before_the_state_is_built(tmp_path, 
     ):
         c = _two_stream()
         c.ckpt.update(**update)
-        preflight.preflight(c, "train", str(tmp_path))
+        _check(c, "train", str(tmp_path))
     # A workdir with a checkpoint resumes it.
     shapes = models.abstract_params(config.model)
     params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     saved_states.save_state(tmp_path / "own", saved_states.params_only_state(params), config)
-    preflight.preflight(config, "train", str(tmp_path / "own"))
+    _check(config, "train", str(tmp_path / "own"))
 
 
 def test_allowed_random_frozen_stream_starts_from_scratch(tmp_path, caplog):
@@ -100,68 +106,68 @@ def _coco(**data):
 def test_coco_training_without_a_vae_turns_the_grids_off_with_a_warning(tmp_path, caplog):
     config = _coco()
     with caplog.at_level(logging.WARNING):
-        run = preflight.preflight(config, "train", str(tmp_path))
+        run = _check(config, "train", str(tmp_path))
     assert run.train.eval_every_steps == 0
     assert "Sample grids are off" in caplog.text and "--vae=PATH" in caplog.text
 
 
 def test_coco_training_refuses_a_vae_it_cannot_load(tmp_path, vae_dir):
     with pytest.raises(preflight.PreflightError, match=r"data.vae=.*no_such_vae.*--vae=PATH"):
-        preflight.preflight(_coco(vae=str(tmp_path / "no_such_vae")), "train", str(tmp_path))
+        _check(_coco(vae=str(tmp_path / "no_such_vae")), "train", str(tmp_path))
     garbage = tmp_path / "autoencoder_kl.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(preflight.PreflightError, match="cannot be loaded"):
-        preflight.preflight(_coco(vae=str(garbage)), "train", str(tmp_path))
+        _check(_coco(vae=str(garbage)), "train", str(tmp_path))
     config = _coco(vae=vae_dir)
-    run = preflight.preflight(config, "train", str(tmp_path))
+    run = _check(config, "train", str(tmp_path))
     assert run.train.eval_every_steps == 1000
     config = _coco(vae=vae_dir, dir="")
     with pytest.raises(preflight.PreflightError, match=r"--config.data.dir="):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
 
 
 def test_coco_sampling_needs_the_vae_and_clip_only_for_raw_prompts(tmp_path, vae_dir):
     with pytest.raises(preflight.PreflightError, match="--vae=PATH"):
-        preflight.preflight(_coco(), "sample", str(tmp_path))
+        _check(_coco(), "sample", str(tmp_path))
     config = _coco(vae=vae_dir)
-    preflight.preflight(config, "sample", str(tmp_path))  # dataset captions, stored contexts
+    _check(config, "sample", str(tmp_path))  # dataset captions, stored contexts
     config.sample.prompt = "a dog on a wooden floor"
     with pytest.raises(preflight.PreflightError, match=r"raw prompts.*--text_encoder=DIR"):
-        preflight.preflight(config, "sample", str(tmp_path))
+        _check(config, "sample", str(tmp_path))
     config = _coco(vae=vae_dir, dir="")
     with pytest.raises(preflight.PreflightError, match=r"without data.dir.*--text_encoder"):
-        preflight.preflight(config, "sample", str(tmp_path))
+        _check(config, "sample", str(tmp_path))
     config = _coco(vae=vae_dir, clip=str(tmp_path / "no_clip"))
     config.sample.prompts_file = str(tmp_path / "prompts.txt")
     with pytest.raises(preflight.PreflightError, match=r"data.clip=.*no_clip.*cannot be loaded"):
-        preflight.preflight(config, "sample", str(tmp_path))
+        _check(config, "sample", str(tmp_path))
 
 
 def test_evaluation_files_are_checked_before_sampling(tmp_path, vae_dir, caplog):
     config = _coco(vae=vae_dir)
-    preflight.preflight(config, "evaluate", str(tmp_path))
+    _check(config, "evaluate", str(tmp_path))
     config.eval.fid_stats = str(tmp_path / "missing.npz")
     with pytest.raises(preflight.PreflightError, match=r"eval.fid_stats=.*missing.npz"):
-        preflight.preflight(config, "evaluate", str(tmp_path))
+        _check(config, "evaluate", str(tmp_path))
     (tmp_path / "bad.npz").write_bytes(b"truncated")
     config.eval.fid_stats = str(tmp_path / "bad.npz")
     with pytest.raises(preflight.PreflightError, match="cannot be read"):
-        preflight.preflight(config, "evaluate", str(tmp_path))
+        _check(config, "evaluate", str(tmp_path))
     np.savez(tmp_path / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
     config.eval.fid_stats = str(tmp_path / "ok.npz")
     with caplog.at_level(logging.WARNING):
-        preflight.preflight(config, "evaluate", str(tmp_path))
+        _check(config, "evaluate", str(tmp_path))
     assert "FID is skipped" in caplog.text
     config.eval.inception = str(tmp_path / "no_inception.pth")
     with pytest.raises(preflight.PreflightError, match=r"eval.inception=.*does not exist"):
-        preflight.preflight(config, "evaluate", str(tmp_path))
+        _check(config, "evaluate", str(tmp_path))
     config = _coco()
     with pytest.raises(preflight.PreflightError, match=r"Evaluation decodes.*--vae=PATH"):
-        preflight.preflight(config, "evaluate", str(tmp_path))
+        _check(config, "evaluate", str(tmp_path))
     config.eval.task = "given_image"  # decodes no image: no VAE needed
-    preflight.preflight(config, "evaluate", str(tmp_path))
+    _check(config, "evaluate", str(tmp_path))
     # The synthetic world needs no weights.
-    preflight.preflight(pdm_configs.get_config("demo,tiny=1"), "evaluate", str(tmp_path))
+    _check(pdm_configs.get_config("demo,tiny=1"), "evaluate", str(tmp_path))
 
 
 def test_evaluation_task_sweep_and_mask_are_checked_before_sampling(tmp_path):
@@ -169,7 +175,7 @@ def test_evaluation_task_sweep_and_mask_are_checked_before_sampling(tmp_path):
         config = pdm_configs.get_config("demo,tiny=1")
         config.eval.update(**changes)
         with pytest.raises(preflight.PreflightError, match=match):
-            preflight.preflight(config, "evaluate", str(tmp_path))
+            _check(config, "evaluate", str(tmp_path))
 
     refused(r"eval.task='segment'.*given_image", task="segment")
     refused("eval.sweep method 'euler'", sweep="euler:10")
@@ -181,20 +187,20 @@ def test_evaluation_task_sweep_and_mask_are_checked_before_sampling(tmp_path):
     uvit.data.source = "synthetic"
     uvit.eval.task = "inpaint"
     with pytest.raises(preflight.PreflightError, match="needs a PDM"):
-        preflight.preflight(uvit, "evaluate", str(tmp_path))
+        _check(uvit, "evaluate", str(tmp_path))
 
 
 def test_a_bad_learning_rate_schedule_is_refused_at_start_up(tmp_path):
     config = pdm_configs.get_config("demo,tiny=1")
     config.optim.update(decay="wsd", decay_fraction=1.5)
     with pytest.raises(preflight.PreflightError, match=r"decay_fraction=1.5 must lie in \(0, 1\]"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
     config.optim.decay = "step"
     with pytest.raises(preflight.PreflightError, match=r"Unknown optim\.decay 'step'"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
     config.optim.decay = "wsd"
     config.optim.decay_fraction = 0.2
-    preflight.preflight(config, "train", str(tmp_path))  # a good one passes
+    _check(config, "train", str(tmp_path))  # a good one passes
 
 
 @pytest.mark.parametrize("mode", ["train", "sample", "evaluate"])
@@ -202,7 +208,7 @@ def test_token_fusion_outside_one_stream_is_refused_at_start_up(tmp_path, mode):
     config = _two_stream()
     config.model.token_fusion = True
     with pytest.raises(preflight.PreflightError, match="token_fusion=True is a one_stream"):
-        preflight.preflight(config, mode, str(tmp_path))
+        _check(config, mode, str(tmp_path))
 
 
 def test_the_checkpoint_of_a_step_is_saved_before_its_grid(tmp_path, monkeypatch):
@@ -232,16 +238,16 @@ def test_a_mesh_that_does_not_fit_the_devices_or_the_batch_is_refused(tmp_path):
     config.ckpt.allow_random_frozen_stream = True
     config.sharding.mesh_shape = (3, 1, 1)  # 8 devices
     with pytest.raises(preflight.PreflightError, match="needs 3 devices"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
     config.sharding.mesh_shape = (1, -1, 1)
     config.train.batch_size = 12  # 8 batch shards
     with pytest.raises(preflight.PreflightError, match=r"data × fsdp = 8 batch shards"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
     config.sharding.mesh_shape = (1, -1, 2)  # 4 batch shards
-    preflight.preflight(config, "train", str(tmp_path))
+    _check(config, "train", str(tmp_path))
     config.sharding.mesh_axes = ("data", "model", "tensor")
     with pytest.raises(preflight.PreflightError, match="mesh_axes"):
-        preflight.preflight(config, "sample", str(tmp_path))
+        _check(config, "sample", str(tmp_path))
 
 
 @pytest.mark.parametrize("mode", ["train", "sample", "evaluate"])
@@ -251,7 +257,7 @@ def test_sampler_settings_are_refused_at_start_up_in_every_mode(tmp_path, mode):
     def check(**sampler):
         config = pdm_configs.get_config("demo,tiny=1")
         config.sampler.update(**sampler)
-        preflight.preflight(config, mode, str(tmp_path))
+        _check(config, mode, str(tmp_path))
 
     with pytest.raises(preflight.PreflightError, match=r"must be an int ≥ order = 3.*got 2"):
         check(method="fast", order=3, steps=2)
@@ -272,7 +278,7 @@ def test_data_source_and_diffusion_options_are_refused_at_start_up(tmp_path, mod
         config = pdm_configs.get_config("demo,tiny=1")
         config[group].update(**changes)
         with pytest.raises(preflight.PreflightError, match=match):
-            preflight.preflight(config, mode, str(tmp_path))
+            _check(config, mode, str(tmp_path))
 
     refused(r"Unknown image_prediction 'epsilon'", "diffusion", image_prediction="epsilon")
     refused(r"Unknown map pooling 'majority'; choose one of", "diffusion", map_pooling="majority")
@@ -283,24 +289,24 @@ def test_an_evaluation_sweep_replaces_the_sampler_settings(tmp_path):
     config = pdm_configs.get_config("demo,tiny=1")
     config.sampler.update(method="fast", order=3, steps=2)
     config.eval.sweep = "multistep/2:4"
-    preflight.preflight(config, "evaluate", str(tmp_path))
+    _check(config, "evaluate", str(tmp_path))
     with pytest.raises(preflight.PreflightError, match="got 2"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
 
 
 def test_demo_metrics_settings_are_checked_before_training(tmp_path):
     config = pdm_configs.get_config("demo,tiny=1")
-    preflight.preflight(config, "train", str(tmp_path))
+    _check(config, "train", str(tmp_path))
     config.demo.given_map_task = "inpainting"
     with pytest.raises(preflight.PreflightError, match=r"given_map_task='inpainting'.*inpaint"):
-        preflight.preflight(config, "train", str(tmp_path))
+        _check(config, "train", str(tmp_path))
     uvit = pdm_configs.get_config("uvit,tiny=1")
     uvit.data.source = "synthetic"
     uvit.demo.use_metrics = True
     with pytest.raises(preflight.PreflightError, match="Demo metrics need a PDM"):
-        preflight.preflight(uvit, "train", str(tmp_path))
+        _check(uvit, "train", str(tmp_path))
     uvit.demo.use_metrics = False  # no demo figures: nothing to object to
-    preflight.preflight(uvit, "train", str(tmp_path))
+    _check(uvit, "train", str(tmp_path))
 
 
 def test_sample_mode_checks_its_task_and_inputs_at_start_up(tmp_path):
@@ -309,7 +315,7 @@ def test_sample_mode_checks_its_task_and_inputs_at_start_up(tmp_path):
         config.data.source = "synthetic"
         config.sampler.task = task
         config.sample.update(**sample)
-        preflight.preflight(config, "sample", str(tmp_path))
+        _check(config, "sample", str(tmp_path))
 
     with pytest.raises(preflight.PreflightError, match=r"sampler\.task='segment' is not"):
         check(task="segment")

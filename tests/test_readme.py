@@ -56,6 +56,7 @@ def test_ci_reads_exactly_two_commands_from_the_readme():
         install_and_demo
     )
     assert "lint-imports" in tests and "python -m pytest" in tests
+    assert tests.endswith(" && mkdocs build --strict")  # the docs site: links, API reference
     for n, command in enumerate(commands, 1):  # the command line CI uses
         printed = subprocess.run(
             [sys.executable, str(EXTRACTOR), str(n)], capture_output=True, text=True, check=True

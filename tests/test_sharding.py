@@ -1,8 +1,4 @@
-"""Host CPU device splitting (``sharding.cpu_devices``) and mesh construction."""
-
-import os
-import subprocess
-import sys
+"""Mesh construction, the logical-axis rules and batch sharding."""
 
 import jax
 import jax.numpy as jnp
@@ -14,96 +10,6 @@ from jax.sharding import PartitionSpec as P
 from configs import pdm as pdm_configs
 from pdm_jax import models, sharding
 from pdm_jax.models import layers
-
-
-@pytest.mark.parametrize(
-    ("requested", "batch", "cores", "want"),
-    [
-        (0, 16, 2, 0),  # keep JAX's one device
-        (-1, 16, 2, 2),  # one per core
-        (-1, 16, 3, 2),  # reduced to a divisor of the batch
-        (-1, 12, 5, 4),
-        (-1, 7, 4, 1),
-        (4, 16, 2, 4),  # explicit counts are taken as given
-    ],
-)
-def test_host_cpu_devices(requested, batch, cores, want):
-    assert sharding.host_cpu_devices(requested, batch, cores=cores) == want
-
-
-@pytest.mark.parametrize(("requested", "match"), [(3, "divide the batch"), (-2, "use 0, -1")])
-def test_host_cpu_devices_rejects_bad_counts(requested, match):
-    with pytest.raises(ValueError, match=match):
-        sharding.host_cpu_devices(requested, 16, cores=2)
-
-
-def test_cpu_devices_are_not_changed_once_backends_exist(caplog):
-    jax.devices()  # initialises the backends (8 fake devices, see conftest)
-    assert not sharding.use_cpu_devices(2)
-    config = pdm_configs.get_config("demo")
-    config.sharding.cpu_devices = 2
-    assert sharding.setup_cpu_devices(config, 16) == 2
-    assert "sharding.cpu_devices=2 not applied" in caplog.text
-    assert jax.device_count() == 8
-
-
-@pytest.mark.parametrize(("mode", "want"), [("train", 8), ("evaluate", 6), ("sample", 4)])
-def test_mode_batch_size_is_the_batch_the_mode_shards(mode, want):
-    config = pdm_configs.get_config("demo")
-    config.train.batch_size, config.eval.batch_size, config.sample.batch_size = 8, 6, 4
-    assert sharding.mode_batch_size(config, mode) == want
-
-
-def test_mode_batch_size_rejects_unknown_modes():
-    with pytest.raises(ValueError, match="Unknown mode 'serve'"):
-        sharding.mode_batch_size(pdm_configs.get_config("demo"), "serve")
-
-
-def test_no_batch_means_no_split(caplog):
-    config = pdm_configs.get_config("demo")
-    config.sharding.cpu_devices = 3  # would not divide any of the demo's batches
-    assert sharding.setup_cpu_devices(config, None) == 0
-    assert "not applied" not in caplog.text
-
-
-_PROBE = """
-import os, sys, jax
-from pdm_jax import sharding
-if "--devices-first" in sys.argv:
-    jax.devices()  # initialises the backends before the split is asked for
-applied = sharding.use_cpu_devices(2)
-mesh = sharding.create_mesh()
-print(applied, jax.device_count(), mesh.shape["data"], os.environ.get("XLA_FLAGS", ""))
-"""
-
-
-def _probe(xla_flags: str, *args: str) -> list[str]:
-    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, check=True
-    )
-    return [*out.stdout.split(maxsplit=3), ""][:4]
-
-
-def test_a_fresh_process_gets_single_threaded_devices_on_the_data_axis():
-    applied, count, data, flags = _probe("")
-    assert (applied, count, data) == ("True", "2", "2")
-    assert "--xla_cpu_multi_thread_eigen=false" in flags
-
-
-def test_an_explicit_xla_device_count_wins():
-    applied, count, data, _ = _probe("--xla_force_host_platform_device_count=3")
-    assert (applied, count, data) == ("False", "3", "3")
-
-
-def test_a_process_whose_backends_exist_keeps_its_devices_and_flags():
-    # No XLA_FLAGS device count here: only JAX's refusal to change jax_num_cpu_devices
-    # after initialisation (a RuntimeError) stops the split.
-    applied, count, data, flags = _probe("", "--devices-first")
-    assert (applied, count, data, flags) == ("False", "1", "1", "")
-
-
-# The mesh and the logical-axis rules.
 
 
 def test_create_mesh_fills_the_minus_one_and_checks_the_shape():
@@ -166,6 +72,24 @@ def test_mesh_spec_follows_the_rules_and_replicates_what_does_not_divide():
     assert sharding.bytes_per_device(abstract, shardings) == 64 * 256 * 4 // 8
 
 
+def test_state_bytes_per_device_counts_one_shard():
+    mesh = sharding.create_mesh()
+    x = jnp.ones((64, 4), jnp.float32)
+    tree = {
+        "sharded": jax.device_put(x, sharding.batch_sharding(mesh)),
+        "replicated": jax.device_put(x, sharding.replicated(mesh)),
+        "key": jax.device_put(jax.random.key(0), sharding.replicated(mesh)),
+    }
+    expected = 64 * 4 * 4 // 8 + 64 * 4 * 4 + 8
+    assert sharding.bytes_per_device(tree) == expected
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
+    )
+    assert sharding.bytes_per_device(abstract) == expected
+    with pytest.raises(ValueError, match="no sharding"):
+        sharding.bytes_per_device(jax.ShapeDtypeStruct((2,), jnp.float32))
+
+
 def _logical_names(tree) -> set[str]:
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P))
     return {name for spec in leaves for name in spec if isinstance(name, str)}
@@ -182,21 +106,3 @@ def test_every_logical_name_of_every_model_has_a_rule():
     used |= {a for axes in activations for a in axes if a}
     assert {"embed", "mlp", "heads", "kv", "conv_in", "conv_out", "batch", "length"} <= used
     assert used <= ruled, used - ruled
-
-
-def test_inference_compiler_options_only_for_cpu_meshes():
-    mesh = sharding.create_mesh()  # the tests' 8 CPU devices: YNNPACK stays
-    assert sharding.inference_compiler_options(mesh) == sharding.CPU_INFERENCE_OPTIONS
-    one = sharding.create_mesh(devices=jax.devices()[:1])
-    assert sharding.inference_compiler_options(one) == {
-        **sharding.CPU_INFERENCE_OPTIONS,
-        "xla_cpu_experimental_ynn_fusion_type": "",
-    }
-
-    class Device:
-        platform = "tpu"
-
-    class Mesh:
-        devices = np.array([Device()])
-
-    assert sharding.inference_compiler_options(Mesh()) is None

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from pdm_jax.fields import option
+
 SCHEMA_KEYS = ("latent", "map", "context")
 
 
@@ -35,21 +37,14 @@ class DatasetInfo:
     eval_prompts: tuple[str, ...]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSpec:
-    """The ``config.data`` group, typed, plus the sizes the sources must produce.
+    """The ``config.data`` group, plus the sizes the sources must produce.
+
+    The config fields are declared with ``option``; the others derive from other groups
+    (``pdm_jax.specs.from_config`` fills them) and are not config fields.
 
     Attributes:
-      source: ``synthetic`` or ``coco`` (``pipeline.SOURCES``).
-      dir: COCO: the ``prepare`` output directory.
-      num_workers: grain worker processes (0: read in the training process).
-      num_threads: reader threads per process.
-      prefetch: records buffered ahead.
-      seed: shuffling (and the synthetic world's) seed.
-      latent_scale: factor on the autoencoder's latents.
-      num_records: synthetic world size (0: its default).
-      vae: COCO: VAE checkpoint path ("" = none).
-      clip: COCO: CLIP text directory ("" = none).
       latent_size: the model's latent side S.
       latent_channels: the model's latent channels C.
       map_size: the model's map side f·S (0: the model has no map).
@@ -58,16 +53,24 @@ class DataSpec:
       num_eval_prompts: captions in the training sample grids.
     """
 
-    source: str
-    dir: str
-    num_workers: int
-    num_threads: int
-    prefetch: int
-    seed: int
-    latent_scale: float
-    num_records: int
-    vae: str
-    clip: str
+    source: str = option("coco", "Data source: coco | synthetic.")
+    dir: str = option("", "COCO: the prepare command's output directory.", path=True)
+    num_workers: int = option(2, "grain worker processes; 0 reads in the training process.")
+    num_threads: int = option(2, "Reader threads per process.")
+    prefetch: int = option(64, "Records buffered ahead.")
+    seed: int = option(0, "Shuffling (and the synthetic world's) seed.")
+    latent_scale: float = option(
+        0.23010, "Factor on the autoencoder's latents (decoding divides by it)."
+    )
+    num_records: int = option(0, "Synthetic world size; 0: its default.")
+    vae: str = option(
+        "",
+        "COCO: VAE checkpoint (autoencoder_kl.pth, a diffusers directory or a converted one).",
+        path=True,
+    )
+    clip: str = option(
+        "", "COCO: CLIP ViT-L/14 text directory, to sample from raw prompts.", path=True
+    )
     latent_size: int
     latent_channels: int
     map_size: int

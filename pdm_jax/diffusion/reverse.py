@@ -79,11 +79,32 @@ def from_data_prediction(
     return (x_t - alpha * x0) / sigma
 
 
-def _check_task(task, map_shape, known_x, known_m, mask_x, mask_m) -> None:
+def check_task(task: str, has_map: bool, model_name: str = "") -> None:
+    """The one check of a sampling task's name against the model that samples it.
+
+    Args:
+      task: one of ``TASKS`` (``sampler.task``).
+      has_map: whether the model has a map stream (every task but ``cogenerate`` needs one).
+      model_name: the model's ``model.name``, for the message.
+
+    Raises:
+      ValueError: naming the flag that fixes it.
+    """
     if task not in TASKS:
-        raise ValueError(f"Unknown sampling task {task!r}; choose one of {TASKS}.")
-    if map_shape is None and task != "cogenerate":
-        raise ValueError(f"Task {task!r} needs a PDM (a model with a map stream).")
+        raise ValueError(
+            f"sampler.task={task!r} is not a sampling task: pass --config.sampler.task= "
+            f"one of {TASKS}."
+        )
+    if task != "cogenerate" and not has_map:
+        model = f"model.name={model_name!r}" if model_name else "the model"
+        raise ValueError(
+            f"sampler.task={task!r} needs a map stream, and {model} has none: sample it "
+            "with --config.sampler.task=cogenerate."
+        )
+
+
+def _check_task(task, map_shape, known_x, known_m, mask_x, mask_m) -> None:
+    check_task(task, has_map=map_shape is not None)
     needs = {
         "given_map": {"known_m": known_m},
         "given_image": {"known_x": known_x},

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from pdm_jax import sharding, specs, visualize
+from pdm_jax import specs, visualize
 from pdm_jax.data import pipeline
 from pdm_jax.data.synthetic import dataset as synthetic
 from pdm_jax.evaluation import scoring
@@ -98,15 +98,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, Any]:
     batch = min(n, int(config.train.num_eval_prompts))
     metrics: dict[str, Any] = {"step": step, "num_prompts": n, "split": "held_out"}
 
-    sampler = Sampler(
-        config.model,
-        config.diffusion,
-        config.sampler,
-        info,
-        params,
-        mesh=sharding.local_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes),
-        batch_size=batch,
-    )
+    sampler = Sampler.for_run(config, info, params, batch_size=batch)
     cog = sampler(seeds, captions=captions, task="cogenerate")
     figures = scoring.synthetic_figures(world, captions, cog.images, cog.maps, ref_maps)
     metrics["cogenerate"] = _means(figures)

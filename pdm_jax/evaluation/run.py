@@ -73,6 +73,7 @@ from jax.experimental import multihost_utils
 from pdm_jax import specs
 from pdm_jax.data import pipeline
 from pdm_jax.diffusion import dpm_solver
+from pdm_jax.diffusion.reverse import TASKS
 from pdm_jax.evaluation import prompts as prompts_lib
 from pdm_jax.evaluation import reference_stats, scoring, store
 from pdm_jax.sampling.params import load_params
@@ -80,8 +81,7 @@ from pdm_jax.sampling.sampler import host_indices
 from pdm_jax.weights import clip as hf_clip
 
 DEFAULT_NUM_SAMPLES = {"coco": 30_000, "synthetic": 256}
-TASKS = ("cogenerate", "given_map", "given_image", "inpaint")
-PDM_TASKS = ("given_map", "given_image", "inpaint")  # need a map stream
+PDM_TASKS = tuple(t for t in TASKS if t != "cogenerate")  # need a map stream
 # Columns of the sweep's Markdown table, in this order when present.
 SWEEP_COLUMNS = (
     "thing_iou",
@@ -140,7 +140,9 @@ def parse_sweep(text: str, default_order: int) -> list[SweepCell]:
         method, _, order_text = head.strip().partition("/")
         if not sep or not counts.strip():
             raise ValueError(f"eval.sweep part {part!r} has no ':NFE,...' list; {fix}.")
-        if method not in dpm_solver.METHODS:
+        # The solver's own check decides; each call varies one setting, so the message
+        # can name the part of the sweep at fault.
+        if not _solver_accepts(method, 1, 1):
             raise ValueError(
                 f"eval.sweep method {method!r} is unknown; choose from {dpm_solver.METHODS}."
             )
@@ -151,10 +153,10 @@ def parse_sweep(text: str, default_order: int) -> list[SweepCell]:
             steps = [int(n) for n in counts.split(",") if n.strip()]
         except ValueError:
             raise ValueError(f"eval.sweep part {part!r} is not understood; {fix}.") from None
-        if order not in (1, 2, 3) or (method in dpm_solver.STOCHASTIC_METHODS and order > 2):
+        if not _solver_accepts(method, order, max(order, 1)):
             raise ValueError(f"eval.sweep part {part!r}: {method} has no order {order}.")
         for n in steps:
-            if n < order:
+            if not _solver_accepts(method, order, n):
                 raise ValueError(f"eval.sweep part {part!r}: NFE {n} is below the order {order}.")
             cell = SweepCell(method, order, n)
             if cell not in cells:
@@ -162,6 +164,16 @@ def parse_sweep(text: str, default_order: int) -> list[SweepCell]:
     if not cells:
         raise ValueError(f"eval.sweep={text!r} names no cell; {fix}.")
     return cells
+
+
+def _solver_accepts(method: str, order: int, steps: int) -> bool:
+    """Whether ``dpm_solver.check_settings`` accepts a sweep cell (with any skip type: the
+    sweep sets method, order and NFE only)."""
+    try:
+        dpm_solver.check_settings(method, order, dpm_solver.SKIP_TYPES[0], steps)
+    except ValueError:
+        return False
+    return True
 
 
 def eval_settings(config: specs.RunSpec) -> specs.EvalSpec:

@@ -17,7 +17,7 @@ import tqdm
 from etils import epath
 from PIL import Image, PngImagePlugin
 
-from pdm_jax import sharding, specs
+from pdm_jax import specs
 from pdm_jax.data.schema import DatasetInfo
 from pdm_jax.evaluation.prompts import inpaint_mask, upscale_mask
 from pdm_jax.sampling.sampler import Sampler, host_indices
@@ -150,15 +150,7 @@ def generate_samples(
     if not todo:
         return 0, 0.0
     samples_dir.mkdir(parents=True, exist_ok=True)
-    sampler = Sampler(
-        config.model,
-        config.diffusion,
-        config.sampler,
-        info,
-        params,
-        mesh=sharding.local_mesh(config.sharding.mesh_shape, config.sharding.mesh_axes),
-        batch_size=ev.batch_size,
-    )
+    sampler = Sampler.for_run(config, info, params, batch_size=ev.batch_size)
     t0 = time.perf_counter()
     desc = f"sampling ({ev.task})" + (
         f" process {jax.process_index()}" if jax.process_count() > 1 else ""

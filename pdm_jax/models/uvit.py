@@ -39,57 +39,34 @@ POS_EMBED_INITS = ("trunc_normal", "sincos")
 
 @dataclasses.dataclass(frozen=True)
 class UViTSpec:
-    """Hyperparameters of a U-ViT / PDM (the ``config.model`` fields minus name and dtypes).
+    """Hyperparameters of a U-ViT / PDM: the ``config.model`` fields of the same names.
 
-    Attributes:
-      img_size: latent side S.
-      patch_size: image patch p.
-      in_chans: latent channels C.
-      embed_dim: width D.
-      depth: number of transformer blocks minus one (``depth // 2`` in, 1 mid,
-        ``depth // 2`` out, as in the official code).
-      num_heads: attention heads.
-      mlp_ratio: MLP hidden width / D.
-      qkv_bias: bias on the fused qkv projection.
-      mlp_time_embed: time token through ``Linear(D,4D)→SiLU→Linear(4D,D)``.
-      clip_dim: text feature width.
-      num_clip_token: text tokens N.
-      num_bits: analog bits per map pixel.
-      map_patch_factor: f; the map is ``f·S`` wide and patched with ``f·p``.
-      use_given_map: the map is an input only (official ``use_ground_truth``).
-      remat_policy: ``none`` | ``full`` | ``dots`` rematerialisation of the blocks.
-      attention: attention kernel, ``auto`` | ``xla`` | ``cudnn`` | ``chunked``
-        (``pdm_jax.models.attention``; ``auto``: ``chunked`` on CPU, ``xla`` on TPU,
-        ``cudnn`` on GPU in bf16/fp16).
-      pos_embed_init: initial value of the learned position embeddings:
-        ``trunc_normal`` (std .02, the official U-ViT) or ``sincos`` (the patch rows start
-        from one 2-D sine-cosine table, the same for the image and the map tokens, so token
-        *i* of each stream starts at the same spatial code; the time and text rows stay
-        trunc-normal). Only the initial value differs: the parameters are the same.
-      token_fusion: one-stream PDM only (not in the paper): before the blocks, each image
-        token also reads the map token of the same patch, and each map token the image
-        token, through zero-initialised linear layers (``map_to_image``,
-        ``image_to_map``). At initialisation the model is the paper's.
+    Each field is documented, with its default, once: in ``pdm_jax.models.spec.ModelSpec``.
+    This spec has no defaults of its own; :meth:`from_config` builds it from a
+    ``ModelSpec`` (or any object with these attributes). ``depth`` counts the blocks
+    minus the middle one (``depth // 2`` in, 1 mid, ``depth // 2`` out, as in the
+    official code); the map is ``map_patch_factor·img_size`` wide, patched with
+    ``map_patch_factor·patch_size``.
     """
 
-    img_size: int = 32
-    patch_size: int = 2
-    in_chans: int = 4
-    embed_dim: int = 512
-    depth: int = 12
-    num_heads: int = 8
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = False
-    mlp_time_embed: bool = False
-    clip_dim: int = 768
-    num_clip_token: int = 77
-    num_bits: int = 8
-    map_patch_factor: int = 1
-    use_given_map: bool = False
-    remat_policy: str = "none"
-    attention: str = "auto"
-    pos_embed_init: str = "trunc_normal"
-    token_fusion: bool = False
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    qkv_bias: bool
+    mlp_time_embed: bool
+    clip_dim: int
+    num_clip_token: int
+    num_bits: int
+    map_patch_factor: int
+    use_given_map: bool
+    remat_policy: str
+    attention: str
+    pos_embed_init: str
+    token_fusion: bool
 
     def __post_init__(self):
         if self.img_size % self.patch_size:

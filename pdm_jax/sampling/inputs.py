@@ -8,7 +8,8 @@ from PIL import Image
 
 from pdm_jax import visualize
 from pdm_jax.data.schema import DatasetInfo
-from pdm_jax.diffusion import maps
+from pdm_jax.diffusion import maps, reverse
+from pdm_jax.models.spec import ModelSpec
 from pdm_jax.specs import SampleSpec
 
 
@@ -102,6 +103,24 @@ TASK_INPUTS = {
     "given_image": ("image",),
     "inpaint": ("map", "image", "mask"),
 }
+
+
+def check_task(task: str, model: ModelSpec, sample: SampleSpec | None = None) -> None:
+    """The one check of a sampling task: ``task`` is known, the model has the map stream
+    that every task but ``cogenerate`` works on, and (given ``sample``) the ``sample.*``
+    inputs it reads are set and none that it would ignore (``check_task_inputs``).
+
+    Args:
+      task: ``sampler.task``.
+      model: the model to sample.
+      sample: ``config.sample``, the task's inputs; None: not checked.
+
+    Raises:
+      ValueError: naming the flag that fixes the problem.
+    """
+    reverse.check_task(task, model.has_map, model.name)
+    if sample is not None:
+        check_task_inputs(sample, task)
 
 
 def check_task_inputs(s: SampleSpec, task: str) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from pdm_jax import sharding, specs, visualize
+from pdm_jax import specs, visualize
 from pdm_jax.data import pipeline
 from pdm_jax.data.coco import dataset as coco_dataset
 from pdm_jax.data.schema import DatasetInfo, DataSpec
@@ -99,15 +99,7 @@ def run(config: Any, workdir: str) -> epath.Path:
         )
     mine = host_indices(n, jax.process_index(), count)  # each process samples its slice
     known = inputs.known_inputs(s, info, task, model.img_size, model.map_size, len(mine))
-    sampler = Sampler(
-        model,
-        run_spec.diffusion,
-        run_spec.sampler,
-        info,
-        params,
-        mesh=sharding.local_mesh(run_spec.sharding.mesh_shape, run_spec.sharding.mesh_axes),
-        batch_size=min(s.batch_size, len(mine)),
-    )
+    sampler = Sampler.for_run(run_spec, info, params, batch_size=min(s.batch_size, len(mine)))
     samples = sampler(
         [seeds[i] for i in mine], captions=[captions[i] for i in mine], task=task, **known
     )

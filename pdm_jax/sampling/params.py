@@ -1,31 +1,10 @@
 """The one parameter loader of sampling and evaluation: a checkpoint's params, checked."""
 
-import functools
 from typing import Any
 
-from jax.sharding import Mesh
-
-from pdm_jax import checkpointing, models, sharding
+from pdm_jax import checkpointing
+from pdm_jax.models.handle import handle
 from pdm_jax.models.spec import ModelSpec
-
-
-@functools.lru_cache(maxsize=16)
-def param_shardings(model: ModelSpec, mesh: Mesh) -> Any:
-    """Where each parameter of ``model`` lives on ``mesh``: its logical axes under the rules.
-
-    Cached per (model, mesh): the sampler places its parameters with it at every swap.
-
-    Args:
-      model: the model spec (its partitioning annotations name each dimension).
-      mesh: the device mesh.
-
-    Returns:
-      Tree like the parameters with ``NamedSharding`` leaves (``sharding.named_shardings``:
-      dimensions their mesh axes do not divide are replicated).
-    """
-    return sharding.named_shardings(
-        models.param_logical_axes(model), models.abstract_params(model), mesh
-    )
 
 
 def load_params(
@@ -55,7 +34,7 @@ def load_params(
     params, where = checkpointing.load_params(
         root / str(step), use_ema=use_ema, fix=f"Rerun with {step_flag}={{step}}"
     )
-    expected = models.abstract_params(model)
+    expected = handle(model).abstract_params
     params = checkpointing.reshape_split_leaves(params, expected, where)
     lines = checkpointing.param_mismatches(params, expected)
     if lines:

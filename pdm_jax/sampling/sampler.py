@@ -24,14 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pdm_jax import models, sharding
+from pdm_jax import models, runtime, sharding
 from pdm_jax.data.schema import DatasetInfo
 from pdm_jax.diffusion import analog_bits
-from pdm_jax.diffusion.reverse import TASKS, from_data_prediction, sample_pdm, to_data_prediction
+from pdm_jax.diffusion.reverse import (
+    check_task,
+    from_data_prediction,
+    sample_pdm,
+    to_data_prediction,
+)
 from pdm_jax.diffusion.spec import DiffusionSpec
+from pdm_jax.models.handle import param_shardings
 from pdm_jax.models.spec import ModelSpec
-from pdm_jax.sampling.params import param_shardings
-from pdm_jax.specs import SamplerSpec
+from pdm_jax.specs import RunSpec, SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +178,7 @@ def program(spec: ProgramSpec):
             *(given(flag) for flag in spec.known),
         ),
         out_shardings=sharding.replicated(spec.mesh),
-        compiler_options=sharding.inference_compiler_options(spec.mesh),
+        compiler_options=runtime.inference_compiler_options(spec.mesh),
     )
     return sharding.MeshProgram(jitted, spec.mesh, exclude=batch_axes)
 
@@ -209,6 +214,35 @@ class Sampler:
         self.valid_ids = tuple(sorted(int(i) for i in info.category_names))
         self.params = None
         self.set_params(params)
+
+    @classmethod
+    def for_run(
+        cls,
+        run: RunSpec,
+        info: DatasetInfo,
+        params: Any,
+        *,
+        batch_size: int,
+        mesh: Mesh | None = None,
+    ) -> "Sampler":
+        """The sampler of a run: its model, diffusion and sampler specs.
+
+        Args:
+          run: the run's spec.
+          info: the dataset's codecs and category table.
+          params: the parameters to sample with.
+          batch_size: examples per compiled call (see ``__init__``).
+          mesh: devices to sample on; default: the configured mesh
+            (``sharding.mesh_shape`` / ``mesh_axes``) on this process's devices.
+
+        Returns:
+          The sampler.
+        """
+        if mesh is None:
+            mesh = sharding.local_mesh(run.sharding.mesh_shape, run.sharding.mesh_axes)
+        return cls(
+            run.model, run.diffusion, run.sampler, info, params, mesh=mesh, batch_size=batch_size
+        )
 
     def set_params(self, params: Any) -> None:
         """Places ``params`` on the mesh (``param_shardings``; no copy when already so)."""
@@ -259,8 +293,7 @@ class Sampler:
           The ``Samples``.
         """
         task = task or self.sampler.task
-        if task not in TASKS:
-            raise ValueError(f"Unknown sampler task {task!r}; choose one of {TASKS}.")
+        check_task(task, self.model.has_map, self.model.name)
         if (captions is None) == (contexts is None):
             raise ValueError("Pass either captions or contexts.")
         n = len(seeds)

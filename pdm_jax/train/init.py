@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pdm_jax import checkpointing, models, sharding, specs
+from pdm_jax.models.image_stream import merge_image_stream
 from pdm_jax.models.spec import INIT_FROM_IMAGE_STREAM, TWO_STREAM_NAMES
 from pdm_jax.specs import RunSpec
 from pdm_jax.train import state as state_lib
@@ -78,13 +79,13 @@ def initial_params_fn(config: RunSpec, loaded: Any, where: str):
             return lambda rng, p: {**p, **zeros}
     if config.model.name in INIT_FROM_IMAGE_STREAM:
         try:
-            models.merge_image_stream(expected, loaded)
+            merge_image_stream(expected, loaded)
         except ValueError as e:
             raise checkpointing.ConfigMismatchError(f"ckpt.init_from={where}: {e}") from e
 
         def merged(rng, p):
             init_rng, _ = jax.random.split(rng)
-            return models.merge_image_stream(models.init_params(config.model, init_rng), p)
+            return merge_image_stream(models.init_params(config.model, init_rng), p)
 
         return merged
     raise checkpointing.mismatch_error(where, lines, config.model.name)

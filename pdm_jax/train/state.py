@@ -18,8 +18,9 @@ import optax
 from jax.sharding import Mesh
 
 from pdm_jax import models, sharding
+from pdm_jax.models.handle import handle
+from pdm_jax.models.image_stream import image_stream_mask
 from pdm_jax.models.spec import TWO_STREAM_NAMES
-from pdm_jax.sampling.params import param_shardings
 from pdm_jax.specs import RunSpec
 
 
@@ -83,7 +84,7 @@ def learning_rate_schedule(config: RunSpec) -> optax.Schedule:
 def trainable_labels(config: RunSpec, params: Any) -> Any:
     """``"train"``/``"frozen"`` label per parameter leaf."""
     if config.ckpt.freeze_image_stream and config.model.name in TWO_STREAM_NAMES:
-        frozen = models.image_stream_mask(params)
+        frozen = image_stream_mask(params)
         return jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     return jax.tree.map(lambda _: "train", params)
 
@@ -150,7 +151,7 @@ def state_shardings(config: RunSpec, mesh: Mesh, abstract_state: TrainState) -> 
     """Sharding of every state leaf, from the model's logical axes.
 
     Parameters, EMA parameters and the Adam moments of each parameter are laid out like
-    that parameter (``param_shardings``: FSDP over ``fsdp``, heads and MLP hidden over
+    that parameter (``ModelHandle.shardings``: FSDP over ``fsdp``, heads and MLP hidden over
     ``tensor``); step, RNG, optimizer counts and the scalar EMA placeholders of frozen
     parameters are replicated.
 
@@ -162,9 +163,9 @@ def state_shardings(config: RunSpec, mesh: Mesh, abstract_state: TrainState) -> 
     Returns:
       A ``TrainState`` of ``NamedSharding``s.
     """
-    params = models.abstract_params(config.model)
+    model = handle(config.model)
     return sharding.mirror_shardings(
-        abstract_state, params, param_shardings(config.model, mesh), mesh
+        abstract_state, model.abstract_params, model.shardings(mesh), mesh
     )
 
 

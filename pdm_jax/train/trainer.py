@@ -154,14 +154,12 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
     )
     sampler = None
     if t.eval_every_steps > 0 and info.eval_prompts:
-        sampler = Sampler(
-            config.model,
-            config.diffusion,
-            config.sampler,
+        sampler = Sampler.for_run(
+            config,
             info,
             checkpointing.with_frozen_params(state.ema_params, state.params),
-            mesh=mesh,
             batch_size=len(info.eval_prompts),
+            mesh=mesh,
         )
     buffer = _MetricBuffer()
     config_json = config.to_dict()

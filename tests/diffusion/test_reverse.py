@@ -115,7 +115,7 @@ def test_one_trace_per_shape():
 
 
 def test_bad_task_arguments_raise():
-    with pytest.raises(ValueError, match="Unknown sampling task"):
+    with pytest.raises(ValueError, match="is not a sampling task"):
         run(task="segment")
     with pytest.raises(ValueError, match="needs known_m"):
         run(task="given_map")

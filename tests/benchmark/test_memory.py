@@ -1,11 +1,11 @@
-"""Tests of the peak-RSS helpers the benchmark's memory figures come from (Linux)."""
+"""Tests of ``pdm_jax.benchmark.memory``: the peak-RSS helpers of the memory figures (Linux)."""
 
 import sys
 
 import numpy as np
 import pytest
 
-from pdm_jax import process_memory
+from pdm_jax.benchmark import memory
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self")
 
@@ -29,7 +29,7 @@ def test_release_free_heap_returns_freed_small_blocks():
     before_free = _rss()
     del blocks, b
     after_free = _rss()
-    assert process_memory.release_free_heap()
+    assert memory.release_free_heap()
     after_trim = _rss()
     assert after_free > before_free - 50e6  # free() alone keeps the pages resident
     assert after_trim < after_free - 100e6  # malloc_trim gives them back
@@ -39,7 +39,7 @@ def test_release_free_heap_returns_freed_small_blocks():
 def test_phase_peak_counts_the_phase_alone():
     big = np.ones(300_000_000 // 8)  # 300 MB before the phase
     del big
-    with process_memory.phase_peak() as rss:
+    with memory.phase_peak() as rss:
         start = _rss()
         small = np.ones(50_000_000 // 8)  # 50 MB inside it
         small += 1

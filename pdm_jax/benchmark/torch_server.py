@@ -1,4 +1,4 @@
-"""python pdm_jax/torch_reference.py '<json>': diffusers' PyTorch UNet forward, timed.
+"""python pdm_jax/benchmark/torch_server.py '<json>': diffusers' PyTorch UNet forward, timed.
 
 The reference side of ``python -m pdm_jax.benchmark --reference=diffusers``, run by it in a
 fresh process that imports nothing of JAX, so that its peak RSS is PyTorch's alone. The
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pdm_jax.process_memory import phase_peak
+from pdm_jax.benchmark.memory import phase_peak
 
 
 def build_forward(request: dict[str, Any]) -> tuple[Callable[[], None], int, int]:

@@ -1,7 +1,7 @@
 """This process's peak resident memory, and resetting it to time one phase of a run.
 
-Imports nothing of JAX: ``pdm_jax/torch_reference.py`` uses it in a process that must hold
-PyTorch alone.
+Imports nothing of JAX: ``torch_server.py`` uses it in a process that must hold PyTorch
+alone.
 """
 
 import contextlib
