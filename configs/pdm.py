@@ -141,7 +141,7 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         # times) the width makes the step a third cheaper, so more steps fit in the time;
         # the image and map tokens start from one sine-cosine position table, so token i
         # of the map and of the image start at the same spatial code, and each image token
-        # reads its patch's map token (and back) before the blocks (README, demo).
+        # reads its patch's map token (and back) before the blocks (docs/results.md).
         c.model.update(
             name="one_stream",
             img_size=16,
@@ -178,7 +178,7 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
         # the map loss and min-SNR-5 on the image loss give the image stream the capacity to
         # draw the map's things. 30 % of the examples are trained as the given-map
         # task (clean map in, image loss only): the image stream learns to draw what a map
-        # says, which the given-map task needs and co-generation profits from (README, demo).
+        # says, which the given-map task needs and co-generation profits from (docs/results.md).
         c.diffusion.update(map_loss_weight=0.5, min_snr_gamma=5.0, given_map_prob=0.3)
         # Ancestral sampling (SDE-DPM-Solver++ order 1 = DDPM's step) on 12 logSNR-uniform
         # steps: the fresh noise corrects the small model's errors instead of carrying them.
@@ -195,7 +195,7 @@ def get_config(arg: str = "two_stream") -> ml_collections.ConfigDict:
     if variant == "demo_unet":
         # The same run on a tiny UNet (16×16 latents, two levels). Its step costs about 8×
         # the U-ViT demo's on a 2-core CPU (0.4 s at batch 16, mostly convolutions), so
-        # 750 steps fit the 10 minutes, with one grid at the end (README, demo_unet).
+        # 750 steps fit the 10 minutes, with one grid at the end (docs/results.md).
         c.model.update(name="unet_one_stream", unet_config="demo_unet", token_fusion=False)
         c.train.update(num_train_steps=750, eval_every_steps=750, checkpoint_every_steps=250)
     _apply_options(c, options)

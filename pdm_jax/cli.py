@@ -8,7 +8,8 @@ schema of ``pdm_jax.specs``) runs its ``main`` with :func:`run` instead of ``app
   data,fsdp,tensor``). An override of a field the schema lacks (``--config.train.bogus=1``),
   a value of the wrong type, a config file that does not load or whose arg its
   ``get_config`` refuses (``configs/pdm.py:nosuch``), and any other flag error print
-  ``error: <what is wrong and how to fix it>`` and exit with status 2.
+  ``error: <what is wrong and how to fix it>`` and exit with status 1 (as absl's own flag
+  errors do).
 * a ``specs.ConfigError`` that ``main`` raises prints ``error: <message>``, exit status 1.
 """
 
@@ -31,7 +32,7 @@ _OVERRIDE = re.compile(r"^--?(?:no)?{name}\.([^=]+)")
 _BAD_VALUE = re.compile(r"^flag --([^=]+)=(.*?): (.*)$", re.DOTALL)
 
 
-def _exit(message: str, status: int = 2) -> NoReturn:
+def _exit(message: str, status: int = 1) -> NoReturn:
     """Prints ``error: message`` (its first line) to stderr and exits."""
     first = str(message).strip().splitlines()[0] if str(message).strip() else "bad arguments"
     print(f"error: {first}", file=sys.stderr)
@@ -177,6 +178,6 @@ def run(main: Callable[[list[str]], Any], config_flag: str = "config") -> None:
         try:
             return main(argv)
         except specs.ConfigError as e:
-            _exit(str(e), status=1)
+            _exit(str(e))
 
     app.run(guarded, flags_parser=functools.partial(parse_flags, config_flag=config_flag))

@@ -17,7 +17,7 @@ import jax
 from jax.sharding import Mesh
 
 # Two XLA:CPU options for forward-only programs, measured on SD 1.x's UNet at batch 2
-# (README, "Benchmark against diffusers"):
+# (docs/benchmarks.md, "Benchmark against diffusers"):
 # - the memory-optimised scheduler. The default one starts buffers long before their use
 #   (later layers' outputs were live at the first 64×64 feed-forward, where the
 #   temporaries peaked): 281 → 209 MB of temporaries.

@@ -26,7 +26,7 @@ def _parse(monkeypatch, *args: str) -> flags.FlagValues:
 def _refusal(monkeypatch, capsys, *args: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         _parse(monkeypatch, *args)
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     return err.strip()
@@ -83,7 +83,7 @@ def test_config_file_errors_are_one_line(monkeypatch, capsys):
 
 def test_main_prints_config_errors_without_a_traceback(tmp_path):
     result = run_main(CONFIG, f"--workdir={tmp_path}", "--config.train.bogus=1")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert (
         result.stderr.strip()

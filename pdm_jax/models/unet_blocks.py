@@ -51,7 +51,7 @@ def constrain_map(x: Array) -> Array:
 # XLA:CPU's convolution runs at a third to a half of its matmul speed on small feature maps
 # with many channels (SD's 8×8 × 1,280 level). There a convolution as matmuls is faster:
 # 3× at 8×8 × 1,280 and 1.2× at 16×16 × 1,280 on the 2-core development CPU, and slower
-# from 32×32 up (README, UNet benchmark). One matmul per kernel tap, accumulated in a scan,
+# from 32×32 up (docs/benchmarks.md). One matmul per kernel tap, accumulated in a scan,
 # runs as fast as one matmul of the nine views side by side (im2col) and needs a third of
 # its memory: 28 vs 89 MB at 16×16 × 2,560 → 1,280, the decoder's largest.
 TAP_MATMUL_MAX_PIXELS = 256
@@ -61,7 +61,7 @@ TAP_MATMUL_MIN_CHANNELS = 256
 # hidden of one batch-2 call is [2, 4096, 2560] float32 (84 MB), with its gated half
 # (42 MB) the largest pair of tensors in the whole forward; XLA holds its temporaries as
 # one block for the whole call, so that peak sets the call's memory. Blocks whose hidden
-# fits 16 MiB cut it five-fold at no cost in time (README, UNet benchmark).
+# fits 16 MiB cut it five-fold at no cost in time (docs/benchmarks.md).
 FF_BLOCK_BYTES = 16 * 2**20
 
 

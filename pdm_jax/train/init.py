@@ -262,7 +262,7 @@ def check_frozen_image_stream(config: RunSpec, *, resuming: bool) -> None:
         "starts from scratch: the frozen stream would stay random and the map stream would "
         "learn against noise. Initialise the image stream from a pretrained U-ViT with "
         "--config.ckpt.init_from=<U-ViT checkpoint> (a `uvit` training workdir, or the "
-        "output of `python -m pdm_jax.convert uvit`; README, Weights). To train it from "
+        "output of `python -m pdm_jax.convert uvit`; docs/weights.md). To train it from "
         "random weights on purpose (tests, benchmarks), pass "
         "--config.ckpt.allow_random_frozen_stream=True."
     )
