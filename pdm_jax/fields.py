@@ -17,24 +17,27 @@ from typing import Any
 
 _DOC = "pdm_jax.doc"
 _PATH = "pdm_jax.path"
+_MINIMUM = "pdm_jax.minimum"
 
 
 class ConfigError(ValueError):
     """A config field is missing, unknown or of the wrong type; the message names it."""
 
 
-def option(default: Any, doc: str, *, path: bool = False) -> Any:
+def option(default: Any, doc: str, *, path: bool = False, minimum: int | None = None) -> Any:
     """A config field: its single default and its one-line documentation.
 
     Args:
       default: the value every variant starts from (immutable: numbers, strings, tuples).
       doc: what the field does, one line (the configuration reference prints it).
       path: the value is a path the user types (made absolute at start-up).
+      minimum: the smallest value the field takes (numbers only; None: no bound).
 
     Returns:
-      A ``dataclasses.field`` carrying ``doc`` and ``path`` in its metadata.
+      A ``dataclasses.field`` carrying ``doc``, ``path`` and ``minimum`` in its metadata.
     """
-    return dataclasses.field(default=default, metadata={_DOC: doc, _PATH: path})
+    metadata = {_DOC: doc, _PATH: path, _MINIMUM: minimum}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def is_config_field(field: dataclasses.Field) -> bool:
@@ -50,6 +53,30 @@ def doc(field: dataclasses.Field) -> str:
 def is_path(field: dataclasses.Field) -> bool:
     """Whether a config field holds a path."""
     return bool(field.metadata.get(_PATH, False))
+
+
+def minimum(field: dataclasses.Field) -> int | None:
+    """The smallest value a config field takes (None: unbounded)."""
+    return field.metadata.get(_MINIMUM)
+
+
+def check_minimum(field: dataclasses.Field, value: Any, where: str) -> None:
+    """Refuses a value below the field's minimum.
+
+    Args:
+      field: the config field.
+      value: its value, already of the field's type.
+      where: the field as the user names it, e.g. ``config.train.batch_size``.
+
+    Raises:
+      ConfigError: naming the field, the value and the smallest one it takes.
+    """
+    low = minimum(field)
+    if low is not None and value < low:
+        raise ConfigError(
+            f"--{where}={value}: must be at least {low} ({doc(field).rstrip('.')}); pass "
+            f"--{where}= a value of {low} or more."
+        )
 
 
 def config_fields(cls: type) -> tuple[dataclasses.Field, ...]:
@@ -93,6 +120,8 @@ def _table(cls: type, prefix: str) -> list[str]:
     lines = ["| Field | Type | Default | Description |", "| --- | --- | --- | --- |"]
     for f in config_fields(cls):
         kind = _type_name(hints[f.name]) + (", path" if is_path(f) else "")
+        if minimum(f) is not None:
+            kind += f", ≥ {minimum(f)}"
         lines.append(f"| `{prefix}{f.name}` | {kind} | `{spelled(f.default)}` | {_cell(doc(f))} |")
     return [*lines, ""]
 

@@ -101,11 +101,11 @@ class OptimizerSpec:
 class TrainSpec:
     """The ``config.train`` group: batch, length and the periods of logs, grids and saves."""
 
-    batch_size: int = option(64, "Global batch.")
-    num_train_steps: int = option(1_000_000, "Training steps.")
-    log_every_steps: int = option(100, "Steps between metric logs.")
+    batch_size: int = option(64, "Global batch.", minimum=1)
+    num_train_steps: int = option(1_000_000, "Training steps.", minimum=1)
+    log_every_steps: int = option(100, "Steps between metric logs.", minimum=1)
     eval_every_steps: int = option(10_000, "Steps between sample grids; 0: none.")
-    checkpoint_every_steps: int = option(5_000, "Steps between checkpoints.")
+    checkpoint_every_steps: int = option(5_000, "Steps between checkpoints.", minimum=1)
     num_eval_prompts: int = option(8, "Captions in the sample grid written every eval_every_steps.")
 
 
@@ -145,7 +145,7 @@ class CheckpointSpec:
         "Checkpoint whose parameters start the run (a plain model's fills a PDM's image stream).",
         path=True,
     )
-    max_to_keep: int = option(3, "Checkpoints kept.")
+    max_to_keep: int = option(3, "The most recent checkpoints kept.", minimum=1)
     freeze_image_stream: bool = option(False, "Train the map stream only (two-stream models).")
     allow_random_frozen_stream: bool = option(
         False,
@@ -169,9 +169,9 @@ class SampleSpec:
     step: int = option(-1, "Checkpoint step; -1: the latest.")
     prompt: str = option("", "One caption (or prompts_file).")
     prompts_file: str = option("", "A file of captions, one per line.", path=True)
-    num_samples: int = option(1, "Samples per prompt.")
+    num_samples: int = option(1, "Samples per prompt.", minimum=1)
     seed: int = option(0, "Sample i of a prompt uses seed + i.")
-    batch_size: int = option(16, "Samples per batch.")
+    batch_size: int = option(16, "Samples per batch.", minimum=1)
     map: str = option(
         "", "given_map, inpaint: a .npy of ids or a PNG (ids or category colours).", path=True
     )
@@ -196,7 +196,7 @@ class EvalSpec:
         "cogenerate | given_map (image for the reference map) | given_image (map for the "
         "reference image: mIoU, PQ) | inpaint (a seeded box of image and map regenerated).",
     )
-    batch_size: int = option(16, "Samples per batch.")
+    batch_size: int = option(16, "Samples per batch.", minimum=1)
     seed: int = option(0, "Sample i uses seed + i.")
     use_ema: bool = option(True, "Score the EMA parameters.")
     fid_stats: str = option("", "FID reference statistics .npz (mu, sigma).", path=True)
@@ -342,6 +342,8 @@ def _group(cls: type, group: Mapping[str, Any], name: str, **derived: Any) -> An
     values = {
         k: _convert(v, hints[k], f"config.{name}.{k}", known[k].default) for k, v in given.items()
     }
+    for k, value in values.items():
+        fields.check_minimum(known[k], value, f"config.{name}.{k}")
     return cls(**values, **derived)
 
 

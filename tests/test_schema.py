@@ -119,3 +119,41 @@ def test_tuple_of_ints_takes_comma_separated_values_and_names_a_bad_item():
         r"e\.g\. --config\.sharding\.mesh_shape=-1,1,1\.",
     ):
         specs.from_config(plain)
+
+
+BOUNDED = [
+    ("train", "batch_size"),
+    ("train", "num_train_steps"),
+    ("train", "log_every_steps"),
+    ("train", "checkpoint_every_steps"),
+    ("ckpt", "max_to_keep"),
+    ("model", "map_patch_factor"),
+    ("sample", "batch_size"),
+    ("sample", "num_samples"),
+    ("eval", "batch_size"),
+]
+
+
+@pytest.mark.parametrize(("group", "name"), BOUNDED)
+@pytest.mark.parametrize("value", [0, -1])
+def test_counts_below_their_minimum_are_refused_by_name(group, name, value):
+    config = pdm_configs.get_config("demo,tiny=1")
+    config[group][name] = value
+    with pytest.raises(specs.ConfigError) as refused:
+        specs.from_config(config)
+    message = str(refused.value)
+    assert message.startswith(f"--config.{group}.{name}={value}: must be at least 1")
+    assert f"pass --config.{group}.{name}= a value of 1 or more" in message
+    config[group][name] = 1  # the minimum itself is taken
+    assert getattr(getattr(specs.from_config(config), group), name) == 1
+
+
+def test_minimums_are_in_the_schema_and_the_reference():
+    bounded = {
+        (group, f.name)
+        for group, cls in specs.GROUPS.items()
+        for f in fields.config_fields(cls)
+        if fields.minimum(f) is not None
+    }
+    assert bounded == set(BOUNDED)
+    assert "| `ckpt.max_to_keep` | int, ≥ 1 |" in specs.reference_markdown()

@@ -48,7 +48,7 @@ class ModelSpec:
     num_clip_token: int = option(77, "Text tokens N.")
     num_bits: int = option(8, "Analog bits per map pixel.")
     map_patch_factor: int = option(
-        2, "f: the map side is f × the latent side, patched with f × patch_size."
+        2, "f: the map side is f × the latent side, patched with f × patch_size.", minimum=1
     )
     use_given_map: bool = option(
         False,

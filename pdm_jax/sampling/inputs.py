@@ -10,7 +10,7 @@ from pdm_jax import visualize
 from pdm_jax.data.schema import DatasetInfo
 from pdm_jax.diffusion import maps, reverse
 from pdm_jax.models.spec import ModelSpec
-from pdm_jax.specs import SampleSpec
+from pdm_jax.specs import ConfigError, SampleSpec
 
 
 def load_map(path: str, size: int, colour_table: np.ndarray) -> np.ndarray:
@@ -83,12 +83,22 @@ def read_prompts(s: SampleSpec, info: DatasetInfo) -> list[str]:
             raise FileNotFoundError(
                 f"Prompts file {p} does not exist (--config.sample.prompts_file)."
             )
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"Prompts file {p} is not UTF-8 text: pass a text file with one caption per "
+                "line as --config.sample.prompts_file."
+            ) from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"Prompts file {p} has no non-empty lines.")
+            raise ConfigError(
+                f"Prompts file {p} has no non-empty lines: put one caption per line in it "
+                "(--config.sample.prompts_file)."
+            )
         return prompts
     if not info.eval_prompts:
-        raise ValueError(
+        raise ConfigError(
             "No prompts: pass --config.sample.prompt or --config.sample.prompts_file (without "
             "--config.data.dir there are no dataset prompts to fall back on)."
         )

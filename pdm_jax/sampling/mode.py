@@ -52,6 +52,24 @@ def dataset_info(data: DataSpec) -> DatasetInfo:
     return pipeline.create_source(data, "train")[1]
 
 
+def make_output_dir(out: epath.Path) -> None:
+    """Creates sample mode's output folder, or refuses in one line.
+
+    Raises:
+      specs.ConfigError: the folder cannot be created or written (naming the flag).
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_check_{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise specs.ConfigError(
+            f"The sample output folder {out} cannot be written ({e.strerror or e}): pass a "
+            "writable --config.sample.out_dir (or a writable --workdir)."
+        ) from None
+
+
 def _gather(samples: Samples, n: int) -> Samples:
     """Every process's slice of the ``n`` samples (``host_indices``), in order, on every process."""
     if jax.process_count() == 1:
@@ -86,7 +104,8 @@ def run(config: Any, workdir: str) -> epath.Path:
     """
     run_spec = specs.as_run_spec(config)
     s, model, task = run_spec.sample, run_spec.model, run_spec.sampler.task
-    params, step = load_params(workdir, s.step, s.use_ema, model, step_flag="--config.sample.step")
+    # Everything the user passed is read, and the output folder made, before the
+    # checkpoint loads and sampling starts: a bad input costs seconds, not the samples.
     info = dataset_info(run_spec.data)
     prompts = inputs.read_prompts(s, info)
     captions = [p for p in prompts for _ in range(s.num_samples)]
@@ -99,12 +118,13 @@ def run(config: Any, workdir: str) -> epath.Path:
         )
     mine = host_indices(n, jax.process_index(), count)  # each process samples its slice
     known = inputs.known_inputs(s, info, task, model.img_size, model.map_size, len(mine))
+    params, step = load_params(workdir, s.step, s.use_ema, model, step_flag="--config.sample.step")
+    out = epath.Path(s.out_dir or epath.Path(workdir) / f"sample_{task}_step{step}")
+    make_output_dir(out)
     sampler = Sampler.for_run(run_spec, info, params, batch_size=min(s.batch_size, len(mine)))
     samples = sampler(
         [seeds[i] for i in mine], captions=[captions[i] for i in mine], task=task, **known
     )
-    out = epath.Path(s.out_dir or epath.Path(workdir) / f"sample_{task}_step{step}")
-    out.mkdir(parents=True, exist_ok=True)
     size = max(256, samples.images.shape[1])
     for j, k in enumerate(mine):
         visualize.save_png(out / f"{k:03d}_image.png", visualize.upscale(samples.images[j], size))
