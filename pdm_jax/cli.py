@@ -76,8 +76,8 @@ def _nearest(name: str, known: Sequence[str]) -> str:
 
 def _kind(annotation: Any) -> str:
     """How a field's type reads in a message: ``an int``, ``comma-separated ints``, ..."""
-    if typing.get_origin(annotation) is tuple:
-        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+    item = fields.tuple_item(annotation)
+    if item is not None:
         return f"comma-separated {item.__name__} values"
     if annotation is bool:
         return "true or false"
@@ -127,7 +127,7 @@ def normalize_config(config: ml_collections.ConfigDict) -> None:
     for group, cls in specs.GROUPS.items():
         hints = typing.get_type_hints(cls)
         for f in fields.config_fields(cls):
-            if typing.get_origin(hints[f.name]) is tuple:
+            if fields.tuple_item(hints[f.name]) is not None:
                 config[group][f.name] = getattr(getattr(run, group), f.name)
 
 

@@ -96,11 +96,17 @@ def defaults(cls: type) -> dict[str, Any]:
     return {f.name: f.default for f in config_fields(cls)}
 
 
+def tuple_item(annotation: Any) -> type | None:
+    """The item type of a tuple field's annotation (``tuple[int, ...]`` → ``int``), else None."""
+    if typing.get_origin(annotation) is not tuple:
+        return None
+    (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+    return item
+
+
 def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is tuple:
-        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
-        return f"tuple of {item.__name__}"
-    return annotation.__name__
+    item = tuple_item(annotation)
+    return f"tuple of {item.__name__}" if item else annotation.__name__
 
 
 def spelled(value: Any) -> str:

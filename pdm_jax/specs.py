@@ -300,9 +300,8 @@ def _split(value: Any) -> Any:
 
 def _convert(value: Any, annotation: Any, where: str, example: Any = None) -> Any:
     """``value`` as the field's type (ints, floats, bools, strings, tuples)."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+    item = fields.tuple_item(annotation)
+    if item is not None:
         try:
             return tuple(_convert(v, item, where) for v in _split(value))
         except (ConfigError, TypeError):
@@ -311,7 +310,7 @@ def _convert(value: Any, annotation: Any, where: str, example: Any = None) -> An
                 f"{where}={given} must be comma-separated {item.__name__} values, e.g. "
                 f"--{where}={fields.spelled(example)}."
             ) from None
-    if origin in (typing.Union, types.UnionType):
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return value
     if annotation is bool:
         if not isinstance(value, bool | int):

@@ -13,18 +13,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_main(
-    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
-    """``python -m pdm_jax.main *args`` in ``cwd``; stdout and stderr captured as text."""
+    """``python -m <module> *args`` in ``cwd``; stdout and stderr captured as text."""
     return subprocess.run(
-        [sys.executable, "-m", "pdm_jax.main", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def run_main(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """``python -m pdm_jax.main *args`` in ``cwd``; stdout and stderr captured as text."""
+    return run_module("pdm_jax.main", *args, env=env, cwd=cwd)
 
 
 def free_port() -> int:

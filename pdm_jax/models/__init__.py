@@ -55,6 +55,7 @@ __all__ = [
     "UNetTwoStreamPDM",
     "UViT",
     "UViTSpec",
+    "abstract_boxed_params",
     "abstract_params",
     "build",
     "count_params",
@@ -234,9 +235,15 @@ def init_params(model_cfg: Any, rng: jax.Array) -> Params:
     return nn.meta.unbox(jax.jit(_boxed_init_fn(model_cfg))(rng))
 
 
+def abstract_boxed_params(model_cfg: Any) -> Any:
+    """The initialiser's output shapes, nothing allocated, with their
+    ``nn.LogicallyPartitioned`` boxes (shapes and logical axes in one trace)."""
+    return jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0))
+
+
 def abstract_params(model_cfg: Any) -> Params:
     """Parameter shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) without allocating."""
-    return nn.meta.unbox(jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0)))
+    return nn.meta.unbox(abstract_boxed_params(model_cfg))
 
 
 def param_logical_axes(model_cfg: Any) -> Params:
@@ -250,8 +257,7 @@ def param_logical_axes(model_cfg: Any) -> Params:
       names (e.g. ``PartitionSpec('embed', 'mlp')``), ready for
       ``nn.logical_to_mesh_sharding``.
     """
-    boxed = jax.eval_shape(_boxed_init_fn(model_cfg), jax.random.key(0))
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(abstract_boxed_params(model_cfg))
 
 
 def count_params(params: Any) -> int:

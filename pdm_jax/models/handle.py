@@ -14,7 +14,6 @@ import dataclasses
 import functools
 from typing import Any
 
-import jax
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -40,9 +39,7 @@ class ModelHandle:
     @functools.cached_property
     def _boxed(self) -> Any:
         """The initialiser's output shapes with their ``nn.LogicallyPartitioned`` boxes."""
-        inputs = models.example_inputs(self.spec)
-        init = lambda rng: self.module.init(rng, *inputs)["params"]
-        return jax.eval_shape(init, jax.random.key(0))
+        return models.abstract_boxed_params(self.spec)
 
     @functools.cached_property
     def abstract_params(self) -> Any:

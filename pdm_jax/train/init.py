@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from pdm_jax import checkpointing, models, sharding, specs
+from pdm_jax.models.handle import handle
 from pdm_jax.models.image_stream import merge_image_stream
 from pdm_jax.models.spec import INIT_FROM_IMAGE_STREAM, TWO_STREAM_NAMES
 from pdm_jax.specs import RunSpec
@@ -61,7 +62,7 @@ def initial_params_fn(config: RunSpec, loaded: Any, where: str):
 
     Validates shapes eagerly, raising ``ConfigMismatchError`` listing the differences.
     """
-    expected = models.abstract_params(config.model)
+    expected = handle(config.model).abstract_params
     lines = checkpointing.param_mismatches(loaded, expected)
     if not lines:
         return lambda rng, p: p
@@ -138,7 +139,7 @@ def restore_or_initialize(
             fix="Rerun with --config.ckpt.init_from={path}",
         )
         loaded = checkpointing.reshape_split_leaves(
-            loaded, models.abstract_params(config.model), where
+            loaded, handle(config.model).abstract_params, where
         )
         params_fn = initial_params_fn(config, loaded, where)
 

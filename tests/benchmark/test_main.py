@@ -1,28 +1,16 @@
 """Tests of ``python -m pdm_jax.benchmark``, run as a user runs it."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 
-from tests.cli import REPO
-
-
-def _benchmark(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pdm_jax.benchmark", *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        cwd=REPO,
-        timeout=600,
-    )
+from tests.cli import run_module
 
 
 def test_plan_command_makes_its_own_devices():
     # The test session has 8 devices; --devices=2 must give the plan a 2-device mesh.
-    result = _benchmark(
+    result = run_module(
+        "pdm_jax.benchmark",
         "--what=plan",
         "--devices=2",
         "--batch_size=4",
@@ -30,8 +18,8 @@ def test_plan_command_makes_its_own_devices():
         "--config=configs/pdm.py:uvit,tiny=1",
         # Tuple fields as a user types them on the command line.
         "--config.sharding.mesh_axes=data,fsdp,tensor",
-        check=True,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["devices"] == 2 and np.prod(list(record["mesh_shape"].values())) == 2
     assert record["batch_size"] == 4 and record["num_params"] == 42_404
@@ -41,7 +29,8 @@ def test_plan_command_makes_its_own_devices():
 
 
 def test_a_config_the_run_cannot_use_is_one_line_of_error():
-    result = _benchmark(
+    result = run_module(
+        "pdm_jax.benchmark",
         "--what=plan",
         "--devices=2",
         "--nocompile",

@@ -2,39 +2,29 @@
 
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 
 from configs import pdm as pdm_configs
 from pdm_jax import models
 from pdm_jax.benchmark import reference
-from tests.cli import REPO, cpu_env
+from tests.cli import cpu_env, run_module
 from tests.models import small_unet
 
 
 @pytest.mark.torch
 def test_denoise_against_diffusers_reports_the_ratio(tmp_path):
     pytest.importorskip("diffusers")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pdm_jax.benchmark",
-            "--config=configs/pdm.py:unet,tiny=1",
-            f"--config.model.unet_config={small_unet.two_level_config()}",
-            "--what=denoise",
-            "--batch_size=2",
-            "--repeats=2",
-            "--warmup=0",
-            "--reference=diffusers",
-        ],
-        cwd=REPO,
+    result = run_module(
+        "pdm_jax.benchmark",
+        "--config=configs/pdm.py:unet,tiny=1",
+        f"--config.model.unet_config={small_unet.two_level_config()}",
+        "--what=denoise",
+        "--batch_size=2",
+        "--repeats=2",
+        "--warmup=0",
+        "--reference=diffusers",
         env=cpu_env(),  # the process's own devices, not the tests' 8
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
